@@ -1,0 +1,347 @@
+"""The project's tests: python -m pytest -q test_unlearn.py
+
+They check behaviour against a reference: the stock attention processor, Eq. 1 written out,
+the original model's own videos, the toy judge reading rendered squares.
+"""
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import toy
+import unlearn
+from sample import load_pipeline
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run(*argv, cwd=HERE):
+    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=1200)
+
+
+# -----------------------------------------------------------------------------
+# The skeleton: README and CI run the same commands
+
+def readme_commands():
+    text = open(os.path.join(HERE, "README.md")).read()
+    block = re.search(r"## Quick start.*?```bash\n(.*?)```", text, re.S).group(1)
+    return [line for line in block.strip().splitlines() if line.strip()]
+
+
+def test_readme_quick_start_has_setup_and_test_commands_that_ci_runs():
+    setup, test = readme_commands()
+    assert "pip install -r requirements.txt" in setup and "unlearn.py --model toy" in setup
+    assert test.startswith("python -m pytest")
+    ci = open(os.path.join(HERE, ".ci", "run")).read()
+    assert any(line.strip() == test for line in ci.splitlines())
+    assert any(line.strip().startswith(setup) for line in ci.splitlines())
+
+
+# -----------------------------------------------------------------------------
+# The toy world
+
+def test_judge_reads_rendered_scenes_exactly():
+    rng = random.Random(1)
+    for n in (1, 2):
+        for _ in range(40):
+            scene = toy.random_scene(rng, n)
+            seen = toy.describe(toy.render(scene))
+            assert {(s["colour"], s["direction"]) for s in seen} == {(q["colour"], q["direction"]) for q in scene}
+    assert toy.describe(np.zeros((toy.FRAMES, 64, 64, 3))) == []
+
+
+def test_held_out_phrasings_never_occur_in_training():
+    rng = random.Random(2)
+    training = {toy.make_prompt(rng, toy.random_scene(rng), drop=0.1) for _ in range(20000)}
+    held_out = [p for p, _ in toy.evaluation_set(200)] + [p for p, _ in toy.evaluation_set(100, num_squares=2)]
+    assert not training & set(held_out)
+    assert all(w in toy.VOCABULARY for p in held_out for w in p.split())
+
+
+@pytest.fixture(scope="session")
+def toy_pipe():
+    return load_pipeline("toy")
+
+
+def test_toy_is_a_real_cogvideox_pipeline_with_native_size(toy_pipe):
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
+                           CogVideoXTransformer3DModel)
+    from transformers import T5EncoderModel, T5Tokenizer
+    pipe = CogVideoXPipeline.from_pretrained(toy.TOY_DIR)
+    assert isinstance(pipe.transformer, CogVideoXTransformer3DModel)
+    assert isinstance(pipe.vae, AutoencoderKLCogVideoX) and isinstance(pipe.text_encoder, T5EncoderModel)
+    assert isinstance(pipe.tokenizer, T5Tokenizer) and isinstance(pipe.scheduler, CogVideoXDDIMScheduler)
+    cfg = pipe.scheduler.config
+    assert (cfg.prediction_type, cfg.rescale_betas_zero_snr, cfg.timestep_spacing) == ("v_prediction", True, "trailing")
+    video = pipe("a red square moving left", num_inference_steps=2, output_type="np").frames[0]
+    assert video.shape == (9, 64, 64, 3)
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(toy.TOY_DIR) for f in fs)
+    assert size < 20e6
+
+
+def test_toy_model_draws_what_it_is_told(toy_pipe):
+    table = toy.quality(toy_pipe, n_single=30, n_double=12, seed=5)
+    colour, direction, both = table.values()
+    assert colour >= 0.9 and direction >= 0.8 and both >= 0.8, table
+
+
+# -----------------------------------------------------------------------------
+# The method's pieces against their equations
+
+def test_negative_guidance_target_is_eq1():
+    v_c, v_a = torch.tensor([1.0, 2.0, -1.0]), torch.tensor([0.5, 0.0, 1.0])
+    expected = torch.tensor([0.5 - 3 * 0.5, 0.0 - 3 * 2.0, 1.0 - 3 * (-2.0)])
+    assert torch.allclose(unlearn.negative_guidance_target(v_c, v_a, 3.0), expected)
+
+
+def test_localization_loss_is_zero_inside_the_mask_and_counts_outside():
+    out = torch.randn(2, 6, 4)
+    assert unlearn.localization_loss(out, torch.ones(2, 6)) == 0
+    mask = torch.zeros(2, 6)
+    mask[:, :3] = 1
+    assert torch.isclose(unlearn.localization_loss(out, mask), out[:, 3:].pow(2).sum() / out.numel())
+
+
+def test_concept_mask_min_max_per_frame_and_all_ones_without_concept():
+    att = torch.tensor([[0.0, 1.0, 2.0, 10.0, 5.0, 5.0, 5.0, 6.0]])  # two frames of 2x2
+    mask = unlearn.concept_mask(att.repeat(2, 1), (2, 2, 2), 0.15, torch.tensor([True, False]))
+    assert mask[0].tolist() == [0, 0, 1, 1, 0, 0, 0, 1]
+    assert mask[1].tolist() == [1] * 8
+
+
+def test_concept_tokens_found_and_unknown_concept_refused(toy_pipe):
+    tok = toy_pipe.tokenizer
+    marks = unlearn.concept_tokens(tok, ["a red square moving left", "a blue box"], "red", 226)
+    assert marks[0].nonzero().flatten().tolist() == [1] and marks[1].sum() == 0
+    with pytest.raises(unlearn.UserError):
+        unlearn.concept_tokens(tok, ["a square"], "nudity", 226)
+
+
+# -----------------------------------------------------------------------------
+# Tiny random CogVideoX pipelines: 2B-like (sin-cos) and 5B-like (RoPE)
+
+def tiny_pipeline(rope):
+    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+    torch.manual_seed(0)
+    tokenizer, text_encoder, vae, _, scheduler = toy.build_parts()
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16, time_embed_dim=32,
+        text_embed_dim=toy.TEXT_DIM, num_layers=2, sample_width=8, sample_height=8, sample_frames=9,
+        patch_size=2, max_text_seq_length=226, use_rotary_positional_embeddings=rope)
+    for p in transformer.proj_out.parameters():  # a random model whose output depends on its input
+        torch.nn.init.normal_(p, std=0.5)
+    if rope:
+        scheduler.register_to_config(snr_shift_scale=1.0)
+    return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                             scheduler=scheduler)
+
+
+@pytest.fixture(scope="session", params=[False, True], ids=["sincos-2B-like", "rope-5B-like"])
+def tiny_dir(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("rope" if request.param else "sincos")
+    tiny_pipeline(request.param).save_pretrained(path)
+    return str(path)
+
+
+def transformer_inputs(pipe, batch=2):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, 16, 8, 8, generator=g)
+    text = torch.randn(batch, 226, toy.TEXT_DIM, generator=g)
+    rotary = (pipe._prepare_rotary_positional_embeddings(64, 64, 3, "cpu")
+              if pipe.transformer.config.use_rotary_positional_embeddings else None)
+    return dict(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([999, 500]),
+                image_rotary_emb=rotary, return_dict=False)
+
+
+def test_processor_with_erasers_off_is_the_stock_processor_bit_for_bit(tiny_dir):
+    pipe = unlearn.load_base_pipeline(tiny_dir, "cpu")
+    inputs = transformer_inputs(pipe)
+    with torch.no_grad():
+        stock = pipe.transformer(**inputs)[0]
+        erasers, state = unlearn.attach_erasers(pipe.transformer, 8)
+        for e in erasers:  # non-zero erasers, so that "off" is really off
+            torch.nn.init.normal_(e.up.weight)
+        state.enabled = False
+        off = pipe.transformer(**inputs)[0]
+        state.enabled = True
+        on = pipe.transformer(**inputs)[0]
+    assert torch.equal(stock, off)
+    assert not torch.allclose(stock, on)
+
+
+def test_concept_attention_equals_softmax_over_text_keys(tiny_dir):
+    pipe = unlearn.load_base_pipeline(tiny_dir, "cpu")
+    attn = pipe.transformer.transformer_blocks[0].attn1
+    inputs = transformer_inputs(pipe)
+    video, text = torch.randn(2, 48, 32), torch.randn(2, 226, 32)
+    tokens = torch.zeros(2, 226)
+    tokens[:, 3:5] = 1
+    got = unlearn.concept_attention(attn, video, text, inputs["image_rotary_emb"], tokens, chunk=7)
+    q = attn.norm_q(attn.to_q(video).unflatten(-1, (2, 16)).transpose(1, 2))
+    k = attn.norm_k(attn.to_k(text).unflatten(-1, (2, 16)).transpose(1, 2))
+    if inputs["image_rotary_emb"] is not None:
+        from diffusers.models.embeddings import apply_rotary_emb
+        q = apply_rotary_emb(q, inputs["image_rotary_emb"])
+    probs = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)  # (B, H, 48, 226)
+    assert torch.allclose(got, probs[..., 3:5].sum(-1).mean(1), atol=1e-6)
+
+
+def small_args(model, out, *extra):
+    return unlearn.parse_args(["--model", model, "--concept", "red", "--output-dir", str(out), "--steps", "2",
+                               "--num-prompts", "4", "--xt-steps", "3", "--rank", "8", *extra])
+
+
+def test_one_step_changes_only_eraser_weights_and_preservation_starts_at_zero(tiny_dir, tmp_path):
+    pipe = unlearn.load_base_pipeline(tiny_dir, "cpu")
+    args = small_args(tiny_dir, tmp_path, "--steps", "1")
+    prompts, anchors, preserved = unlearn.build_prompts(args, random.Random(0))
+    tokens = unlearn.concept_tokens(pipe.tokenizer, prompts, "red", 226)
+    embeds = dict(concept=unlearn.encode_prompts(pipe, prompts), anchor=unlearn.encode_prompts(pipe, anchors),
+                  preserve=unlearn.encode_prompts(pipe, preserved), empty=unlearn.encode_prompts(pipe, [""]))
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    erasers, history = unlearn.train(args, pipe, embeds, tokens, log=lambda *_: None)
+    after = pipe.transformer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(e.up.weight.abs().sum() > 0 for e in erasers)  # the erasers did learn
+    assert history["pre"][0] == 0 and history["loc"][0] == 0  # zero erasers change nothing yet
+    assert history["unlearn"][0] > 0
+
+
+def test_unlearn_then_load_pipeline_on_tiny_configs(tiny_dir, tmp_path):
+    out = tmp_path / "eraser"
+    unlearn.main(["--model", tiny_dir, "--concept", "red", "--output-dir", str(out), "--steps", "2",
+                  "--num-prompts", "4", "--xt-steps", "3", "--rank", "8"])
+    meta = json.load(open(out / "eraser.json"))
+    assert meta["final"] and meta["steps_done"] == 2 and meta["num_frames"] == 9
+    pipe = load_pipeline(tiny_dir, eraser=str(out))
+    video = pipe("a red square", num_inference_steps=2, output_type="np").frames[0]
+    assert video.shape == (9, 64, 64, 3)
+
+
+# -----------------------------------------------------------------------------
+# Erasure on the toy model: run once with the defaults, judged on held-out phrasings
+
+@pytest.fixture(scope="session")
+def red_eraser(tmp_path_factory):
+    out = tmp_path_factory.mktemp("erasers") / "red"
+    result = run("unlearn.py", "--model", "toy", "--concept", "red", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return str(out)
+
+
+def test_save_then_load_gives_identical_erasers_and_videos(red_eraser, tmp_path):
+    weights, meta = unlearn.load_eraser(red_eraser)
+    pipe = load_pipeline("toy", eraser=red_eraser)
+    erasers = [p.eraser for p in unlearn.processors(pipe.transformer)]
+    unlearn.save_eraser(tmp_path, torch.nn.ModuleList(erasers), meta)
+    again, _ = unlearn.load_eraser(tmp_path)
+    assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
+    pipe2 = load_pipeline("toy", eraser=str(tmp_path))
+    a = toy.generate(pipe, ["a red square moving left"], seed=3, steps=5)[0]
+    b = toy.generate(pipe2, ["a red square moving left"], seed=3, steps=5)[0]
+    assert np.array_equal(a, b)
+
+
+def erasure_report(pipe, n=24, seed=11):
+    """Shares on held-out phrasings: red shown, other colours shown, motion kept, two squares."""
+    words = {"red": ["red"], "synonyms": ["crimson", "scarlet"]}
+    rng = random.Random(seed)
+    report, prompts, keys = {}, [], []
+    for name, ws in words.items():
+        for i in range(n):
+            scene = toy.random_scene(rng, 1)
+            scene[0]["colour"] = "red"
+            prompts.append(toy.make_prompt(rng, scene, held_out=True, words=[ws[i % len(ws)]]))
+            keys.append((name, scene))
+    for colour in toy.PALETTE:
+        if colour == "red":
+            continue
+        for i in range(n // 2):
+            scene = toy.random_scene(rng, 1)
+            scene[0]["colour"] = colour
+            prompts.append(toy.make_prompt(rng, scene, held_out=True))
+            keys.append((colour, scene))
+    for i in range(n):
+        scene = toy.random_scene(rng, 2)
+        scene[0]["colour"], scene[1]["colour"] = "red", rng.choice(["green", "blue", "yellow", "white"])
+        prompts.append(toy.make_prompt(rng, scene, held_out=True))
+        keys.append(("two", scene))
+    seen = [toy.describe(v) for v in toy.generate(pipe, prompts, seed=seed)]
+    groups = {}
+    for (name, scene), s in zip(keys, seen):
+        groups.setdefault(name, []).append((scene, s))
+    for name in ("red", "synonyms"):
+        report[f"{name} gone"] = np.mean([all(q["colour"] != "red" for q in s) for _, s in groups[name]])
+    report["red motion kept"] = np.mean([any(q["direction"] == sc[0]["direction"] for q in s)
+                                         for sc, s in groups["red"] + groups["synonyms"]])
+    for colour in toy.PALETTE:
+        if colour != "red":
+            report[colour] = np.mean([bool(s) and s[0]["colour"] == colour for _, s in groups[colour]])
+    report["two: red gone"] = np.mean([all(q["colour"] != "red" for q in s) for _, s in groups["two"]])
+    report["two: other kept"] = np.mean([any(q["colour"] == sc[1]["colour"] for q in s) for sc, s in groups["two"]])
+    return report
+
+
+def test_erasing_red_on_the_toy_model(toy_pipe, red_eraser):
+    before = erasure_report(toy_pipe)
+    after = erasure_report(load_pipeline("toy", eraser=red_eraser))
+    print("before", before, "\nafter", after)
+    assert after["red gone"] >= 0.9 and after["synonyms gone"] >= 0.8
+    assert after["red motion kept"] >= 0.7
+    assert after["two: red gone"] >= 0.85 and after["two: other kept"] >= 0.85
+    for colour in toy.PALETTE:
+        if colour != "red":
+            assert after[colour] >= before[colour] - 0.05 - 1e-9, (colour, before[colour], after[colour])
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line, exit code 2, nothing written
+
+@pytest.mark.parametrize("argv, says", [
+    (["--model", "toy", "--concept", "  "], "--concept is empty"),
+    (["--model", "toy", "--concept", "nudity"], "knows no word of 'nudity'"),
+    (["--model", "no/such-model-anywhere", "--concept", "red"], "cannot load model"),
+])
+def test_bad_unlearn_input_gets_one_line_and_exit_2(argv, says, tmp_path):
+    out = tmp_path / "out"
+    result = run("unlearn.py", *argv, "--output-dir", str(out))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and says in lines[0] and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_existing_output_dir_is_not_overwritten(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "eraser.json").write_text("keep me")
+    result = run("unlearn.py", "--model", "toy", "--concept", "red", "--output-dir", str(out))
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+    assert (out / "eraser.json").read_text() == "keep me"
+
+
+def test_eraser_for_another_base_model_is_refused(red_eraser, tiny_dir, tmp_path):
+    result = run("sample.py", "--model", tiny_dir, "--eraser", red_eraser, "--prompt", "a red square",
+                 "--steps", "2", "--out", str(tmp_path / "v.mp4"))
+    assert result.returncode == 2 and "another base model" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "v.mp4").exists()
+
+
+def test_sample_compare_writes_a_playable_video_with_both_halves(red_eraser, tmp_path):
+    import imageio.v3 as iio
+    out = tmp_path / "cmp.mp4"
+    result = run("sample.py", "--model", "toy", "--eraser", red_eraser, "--prompt", "a red square moving left",
+                 "--steps", "10", "--compare", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    path = result.stdout.split("wrote ")[-1].strip()
+    frames = iio.imread(path)  # (F, H, W, 3)
+    assert frames.shape[0] == 9 and frames.shape[2] >= 128
+    left, right = toy.describe(frames[:, 14:, :64]), toy.describe(frames[:, 14:, 64:128])
+    assert any(s["colour"] == "red" for s in left) and not any(s["colour"] == "red" for s in right)

@@ -1,0 +1,418 @@
+"""toy.py: a tiny CogVideoX that draws coloured squares, trained on a CPU.
+
+    python toy.py            # rebuild toy/ from nothing (about 30 minutes on 2 CPU cores)
+    python toy.py --check    # load the committed toy/ and print its quality table
+
+The toy world lets anyone watch concept erasure work without a GPU. A video is 9 frames
+of 64x64 px on a black background with one or two solid 16x16 squares, each in one colour
+of a fixed palette and moving 16 px in one of four directions. The model is a complete
+diffusers `CogVideoXPipeline` (real T5 encoder, tokenizer, CogVideoX VAE, transformer and
+the CogVideoX-2B scheduler), only tiny. `describe(video)` is the judge: it reads a video's
+pixels and says which squares it shows.
+"""
+
+import argparse
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")
+
+# -----------------------------------------------------------------------------
+# 1. The world: squares of six colours moving in four directions
+
+FRAMES, SIZE, SQUARE, TRAVEL = 9, 64, 16, 16  # frames, frame side (px), square side (px), distance moved (px)
+PALETTE = {  # exact RGB of each colour
+    "red": (255, 0, 0), "orange": (255, 128, 0), "yellow": (255, 255, 0),
+    "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255),
+}
+SYNONYMS = {  # every word the model draws as each colour
+    "red": ("red", "crimson", "scarlet"), "orange": ("orange", "amber"), "yellow": ("yellow", "golden"),
+    "green": ("green", "emerald"), "blue": ("blue", "azure", "navy"), "white": ("white", "ivory"),
+}
+WORD_TO_COLOUR = {w: c for c, words in SYNONYMS.items() for w in words}
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows downwards
+
+
+def random_scene(rng, num_squares=None):
+    """A scene: a list of {colour, direction, x, y} (top-left corner at frame 0), squares never overlapping."""
+    n = num_squares or rng.choice([1, 1, 1, 2, 2])
+    colours = rng.sample(sorted(PALETTE), n)
+    while True:
+        squares = []
+        for colour in colours:
+            direction = rng.choice(sorted(DIRECTIONS))
+            dx, dy = DIRECTIONS[direction]
+            lo_x, hi_x = max(0, -dx * TRAVEL), SIZE - SQUARE - max(0, dx * TRAVEL)
+            lo_y, hi_y = max(0, -dy * TRAVEL), SIZE - SQUARE - max(0, dy * TRAVEL)
+            squares.append(dict(colour=colour, direction=direction,
+                                x=rng.randint(lo_x, hi_x), y=rng.randint(lo_y, hi_y)))
+        if n == 1 or not _overlap(*squares):
+            return squares
+
+
+def _path(sq):
+    dx, dy = DIRECTIONS[sq["direction"]]
+    return [(sq["x"] + round(dx * TRAVEL * f / (FRAMES - 1)), sq["y"] + round(dy * TRAVEL * f / (FRAMES - 1)))
+            for f in range(FRAMES)]
+
+
+def _overlap(a, b, margin=2):
+    return any(abs(xa - xb) < SQUARE + margin and abs(ya - yb) < SQUARE + margin
+               for (xa, ya), (xb, yb) in zip(_path(a), _path(b)))
+
+
+def render(scene):
+    """Draw a scene as a video: float32 array (F, H, W, 3) in [0, 1]."""
+    video = np.zeros((FRAMES, SIZE, SIZE, 3), dtype=np.float32)
+    for sq in scene:
+        rgb = np.array(PALETTE[sq["colour"]], dtype=np.float32) / 255
+        for f, (x, y) in enumerate(_path(sq)):
+            video[f, y:y + SQUARE, x:x + SQUARE] = rgb
+    return video
+
+
+# -----------------------------------------------------------------------------
+# 2. The language: many phrasings of one scene; some kept out of training
+
+OBJECTS = ("square", "box", "block", "tile")
+VERBS = ("moving", "moves", "sliding", "slides", "drifting", "drifts", "gliding", "glides", "going")
+ADVERBS = ("slowly", "quickly")
+ADJECTIVES = ("small", "bright")
+PREFIXES = ("a video of", "the video of", "a clip of", "the clip of", "video of", "clip of", "one video of")
+FUNCTION_WORDS = ("a", "an", "the", "and", "of", "one", "to", "toward", "towards", "video", "clip")
+VOCABULARY = sorted(set(WORD_TO_COLOUR) | set(OBJECTS) | set(DIRECTIONS) | set(VERBS) | set(ADVERBS)
+                    | set(ADJECTIVES) | set(FUNCTION_WORDS))
+
+
+def _direction_phrase(rng, d):
+    if d in ("up", "down"):
+        return d
+    return rng.choice([d, d, f"to the {d}", f"toward the {d}", f"towards the {d}"])
+
+
+def _article(rng, next_word):
+    art = rng.choice(["a", "the", "one"])
+    return "an" if art == "a" and next_word[0] in "aeiou" else art
+
+
+def clause(rng, word, direction, held_out=False):
+    """Words for one square. `word` (a colour word) or `direction` may be None: left unsaid.
+
+    Training phrasings put adjective and adverb before what they modify. Held-out phrasings,
+    never seen in training or unlearning, put the adverb last, the adjective after the
+    colour, or the verb first: the tests and the quality table use only those.
+    """
+    adj = rng.choice(ADJECTIVES)
+    noun = " ".join(w for w in [word, rng.choice(OBJECTS)] if w)
+    if held_out:
+        form = rng.choice(["adverb_last", "adjective_after", "verb_first"] if direction else ["adjective_after"])
+        if form == "adjective_after" and word:
+            noun = f"{word} {adj} {noun.split()[-1]}"
+        noun = f"{_article(rng, noun)} {noun}"
+        if not direction:
+            return noun
+        motion = f"{rng.choice(VERBS)} {_direction_phrase(rng, direction)}"
+        if form == "verb_first":
+            return f"{rng.choice(ADVERBS)} {motion} {noun}"
+        return f"{noun} {motion} {rng.choice(ADVERBS)}"
+    noun = f"{adj} {noun}" if rng.random() < 0.3 else noun
+    noun = f"{_article(rng, noun)} {noun}"
+    if not direction:
+        return noun
+    adverb = f"{rng.choice(ADVERBS)} " if rng.random() < 0.3 else ""
+    return f"{noun} {adverb}{rng.choice(VERBS)} {_direction_phrase(rng, direction)}"
+
+
+def make_prompt(rng, scene, held_out=False, drop=0.0, words=None):
+    """A prompt for a scene; each square's colour or direction is left unsaid with probability `drop`.
+
+    `words` fixes the colour word of each square; by default a random synonym of its colour.
+    """
+    parts = []
+    for i, sq in enumerate(scene):
+        word = words[i] if words else rng.choice(SYNONYMS[sq["colour"]])
+        word = None if rng.random() < drop else word
+        direction = None if rng.random() < drop else sq["direction"]
+        parts.append(clause(rng, word, direction, held_out))
+    prompt = " and ".join(parts)
+    if rng.random() < 0.3:
+        prompt = f"{rng.choice(PREFIXES)} {prompt}"
+    return prompt
+
+
+def augmentation_templates(rng, n=64):
+    """Training-style prompts with `{concept}` where a colour word goes, for unlearn.py on the toy."""
+    templates = []
+    for _ in range(n):
+        scene = random_scene(rng)
+        words = ["{concept}"] + [rng.choice(SYNONYMS[sq["colour"]]) for sq in scene[1:]]
+        parts = [clause(rng, w, sq["direction"]) for w, sq in zip(words, scene)]
+        rng.shuffle(parts)
+        templates.append(" and ".join(parts))
+    return templates
+
+
+# -----------------------------------------------------------------------------
+# 3. The judge: which squares a video shows
+
+def _to_frames(video):
+    """Accept (F, H, W, 3) arrays in [0, 1] or uint8, (F, 3, H, W) tensors, or a list of PIL images."""
+    if isinstance(video, (list, tuple)):
+        video = np.stack([np.asarray(im) for im in video])
+    if isinstance(video, torch.Tensor):
+        video = video.detach().float().cpu().numpy()
+        if video.shape[1] == 3 and video.shape[-1] != 3:
+            video = video.transpose(0, 2, 3, 1)
+    video = np.asarray(video, dtype=np.float32)
+    return video / 255 if video.max() > 1.5 else video
+
+
+def describe(video, min_area=48, min_move=5):
+    """The squares a video shows: [{'colour', 'direction', 'area'}], largest first.
+
+    A pixel counts for the palette colour nearest to it, if within 0.3 (RGB in [0, 1]). A
+    colour is shown if it covers at least `min_area` px per frame on average (a square is
+    256). Its direction is that of its centroid from the first two frames to the last two,
+    or 'still' if it moved less than `min_move` px.
+    """
+    frames = _to_frames(video)  # (F, H, W, 3)
+    names = list(PALETTE)
+    palette = np.array([PALETTE[c] for c in names], dtype=np.float32) / 255  # (6, 3)
+    dist = np.linalg.norm(frames[..., None, :] - palette, axis=-1)  # (F, H, W, 6)
+    nearest, close = dist.argmin(-1), dist.min(-1) < 0.3
+    found = []
+    for i, colour in enumerate(names):
+        mask = (nearest == i) & close  # (F, H, W)
+        area = mask.sum(axis=(1, 2))
+        if area.mean() < min_area:
+            continue
+        ys, xs = np.mgrid[:mask.shape[1], :mask.shape[2]]
+        cx = (mask * xs).sum(axis=(1, 2)) / np.maximum(area, 1)
+        cy = (mask * ys).sum(axis=(1, 2)) / np.maximum(area, 1)
+        seen = area > 0
+        first, last = np.flatnonzero(seen)[:2], np.flatnonzero(seen)[-2:]
+        dx, dy = cx[last].mean() - cx[first].mean(), cy[last].mean() - cy[first].mean()
+        if max(abs(dx), abs(dy)) < min_move:
+            direction = "still"
+        elif abs(dx) > abs(dy):
+            direction = "right" if dx > 0 else "left"
+        else:
+            direction = "down" if dy > 0 else "up"
+        found.append(dict(colour=colour, direction=direction, area=float(area.mean())))
+    return sorted(found, key=lambda s: -s["area"])
+
+
+# -----------------------------------------------------------------------------
+# 4. The pipeline's parts: the real diffusers and transformers classes, tiny
+
+TEXT_DIM, LATENT_CHANNELS = 64, 16
+
+
+def build_parts():
+    """Untrained tokenizer, text encoder, VAE, transformer and scheduler of the toy pipeline."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    # A word-level T5 tokenizer: one piece per word, so that a word it does not know is <unk>.
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in VOCABULARY]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=len(vocab), d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, dropout_rate=0.0))
+    vae = AutoencoderKLCogVideoX(
+        block_out_channels=(16, 16, 32, 32), latent_channels=LATENT_CHANNELS, layers_per_block=1,
+        norm_num_groups=8, temporal_compression_ratio=4, sample_height=SIZE, sample_width=SIZE)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=4, attention_head_dim=16, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        time_embed_dim=64, text_embed_dim=TEXT_DIM, num_layers=4, sample_width=SIZE // 8,
+        sample_height=SIZE // 8, sample_frames=FRAMES, patch_size=2, max_text_seq_length=226)
+    scheduler = CogVideoXDDIMScheduler(  # configured like CogVideoX-2B's
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
+        timestep_spacing="trailing", snr_shift_scale=3.0, steps_offset=0)
+    return tokenizer, text_encoder, vae, transformer, scheduler
+
+
+def _clips(rng, batch, frames=FRAMES):
+    """A batch of rendered scenes as VAE input: (B, C, F, H, W) in [-1, 1]."""
+    video = np.stack([render(random_scene(rng))[:frames] for _ in range(batch)])  # (B, F, H, W, 3)
+    return torch.from_numpy(video).permute(0, 4, 1, 2, 3) * 2 - 1
+
+
+def train_vae(vae, rng, steps=(300, 900), lr=1e-3):
+    """Train the VAE as an autoencoder on the posterior's mode, squares weighted ten times."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    plan = [(1, 16)] * steps[0] + [(FRAMES, 4)] * steps[1]  # single frames first, then whole clips
+    bar = tqdm(plan, desc="VAE")
+    for i, (frames, batch) in enumerate(bar):
+        for g in opt.param_groups:  # cosine decay over each stage
+            stage_i, stage_n = (i, steps[0]) if i < steps[0] else (i - steps[0], steps[1])
+            g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * stage_i / stage_n)))
+        x = _clips(rng, batch, frames)
+        z = vae.encode(x).latent_dist.mode()
+        recon = vae.decode(z).sample
+        weight = 1 + 9 * (x.amax(dim=1, keepdim=True) > -1).float()  # squares count ten times
+        loss = (weight * (recon - x) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+
+
+@torch.no_grad()
+def check_vae(vae, rng, n=32):
+    """Share of held-out clips whose reconstruction the judge reads as the original."""
+    colour_ok = direction_ok = 0
+    for _ in range(n):
+        scene = random_scene(rng, 1)
+        x = torch.from_numpy(render(scene)).permute(3, 0, 1, 2)[None] * 2 - 1
+        recon = vae.decode(vae.encode(x).latent_dist.mode()).sample[0]  # (C, F, H, W)
+        seen = describe(((recon.permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).numpy())
+        colour_ok += bool(seen) and seen[0]["colour"] == scene[0]["colour"]
+        direction_ok += bool(seen) and seen[0]["direction"] == scene[0]["direction"]
+    return colour_ok / n, direction_ok / n
+
+
+@torch.no_grad()
+def encode_dataset(vae, rng, n, batch=32):
+    """n random scenes and their VAE latents, scaled to unit variance: (N, F', C, H', W')."""
+    scenes, latents = [random_scene(rng) for _ in range(n)], []
+    for i in tqdm(range(0, n, batch), desc="encode"):
+        x = torch.from_numpy(np.stack([render(s) for s in scenes[i:i + batch]])).permute(0, 4, 1, 2, 3) * 2 - 1
+        latents.append(vae.encode(x).latent_dist.mode())
+    latents = torch.cat(latents)  # (N, C, F', H', W')
+    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+    return scenes, (latents * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
+
+
+def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng,
+                      steps=3000, batch=32, lr=1e-3):
+    """Train transformer and text encoder together on v-prediction; one prompt in ten is empty."""
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    transformer.train(), text_encoder.train()
+    gen = torch.Generator().manual_seed(rng.randint(0, 2**31))
+    bar = tqdm(range(steps), desc="transformer")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = [rng.randrange(len(scenes)) for _ in range(batch)]
+        prompts = ["" if rng.random() < 0.1 else make_prompt(rng, scenes[i], drop=0.1) for i in idx]
+        ids = tokenizer(prompts, padding="max_length", max_length=226, truncation=True,
+                        return_tensors="pt").input_ids
+        text = text_encoder(ids)[0]  # (B, 226, D)
+        x0 = latents[idx]  # (B, F', C, H', W')
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        x_t = scheduler.add_noise(x0, noise, t)
+        v = transformer(hidden_states=x_t, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
+        loss = F.mse_loss(v, scheduler.get_velocity(x0, noise, t))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    transformer.eval(), text_encoder.eval()
+
+
+# -----------------------------------------------------------------------------
+# 5. How good the toy model is: judged on held-out phrasings
+
+def load_toy(path=TOY_DIR):
+    from diffusers import CogVideoXPipeline
+    pipe = CogVideoXPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def evaluation_set(n, seed=0, num_squares=1):
+    """(prompt, scene) pairs in held-out phrasings, cycling through every colour word and direction."""
+    rng = random.Random(seed)
+    words = [w for c in PALETTE for w in SYNONYMS[c]]
+    pairs = []
+    for i in range(n):
+        scene = random_scene(rng, num_squares)
+        if num_squares == 1:  # cover every word and direction evenly
+            scene[0]["colour"] = WORD_TO_COLOUR[words[i % len(words)]]
+            scene[0]["direction"] = sorted(DIRECTIONS)[(i // len(words)) % 4]
+        word = [words[i % len(words)]] if num_squares == 1 else None
+        pairs.append((make_prompt(rng, scene, held_out=True, words=word), scene))
+    return pairs
+
+
+def generate(pipe, prompts, seed=0, steps=20, batch=16, **kwargs):
+    """Videos for prompts, in batches, seeded: list of (F, H, W, 3) arrays in [0, 1]."""
+    videos = []
+    for i in range(0, len(prompts), batch):
+        gen = torch.Generator().manual_seed(seed + i)
+        out = pipe(prompts[i:i + batch], num_inference_steps=steps, generator=gen, output_type="np", **kwargs)
+        videos.extend(out.frames)
+    return videos
+
+
+def quality(pipe, n_single=48, n_double=24, seed=0):
+    """The toy model's quality table: the shares that issue #2 asks for, on held-out phrasings."""
+    single = evaluation_set(n_single, seed, 1)
+    double = evaluation_set(n_double, seed + 1, 2)
+    seen = [describe(v) for v in generate(pipe, [p for p, _ in single + double], seed)]
+    s_seen, d_seen = seen[:n_single], seen[n_single:]
+    colour = np.mean([bool(s) and s[0]["colour"] == sc[0]["colour"] for s, (_, sc) in zip(s_seen, single)])
+    direction = np.mean([bool(s) and s[0]["direction"] == sc[0]["direction"] for s, (_, sc) in zip(s_seen, single)])
+    both = np.mean([{q["colour"] for q in sc} <= {q["colour"] for q in s} for s, (_, sc) in zip(d_seen, double)])
+    return {"one square: prompted colour is the main colour": colour,
+            "one square: moves in the prompted direction": direction,
+            "two squares: both prompted colours shown": both}
+
+
+def print_quality(table, n_single, n_double):
+    print(f"\nToy model quality (held-out phrasings, 20 steps; {n_single} one-square, {n_double} two-square videos)")
+    for name, value in table.items():
+        print(f"  {name:<48} {100 * value:5.1f} %")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only load the committed toy/ and print its quality")
+    parser.add_argument("--out", default=TOY_DIR, help="where to save the pipeline (default: toy/)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the whole build (default 0)")
+    parser.add_argument("--vae-steps", type=int, nargs=2, default=[300, 900], help="VAE steps: frames, then clips")
+    parser.add_argument("--steps", type=int, default=3000, help="transformer training steps (default 3000)")
+    parser.add_argument("--reuse-vae", action="store_true", help="keep the VAE of --out, train the rest anew")
+    parser.add_argument("--n-eval", type=int, default=96, help="one-square videos in the quality table")
+    args = parser.parse_args()
+    if not args.check:
+        from diffusers import CogVideoXPipeline
+        start = time.time()
+        rng = random.Random(args.seed)
+        torch.manual_seed(args.seed)
+        tokenizer, text_encoder, vae, transformer, scheduler = build_parts()
+        if args.reuse_vae:
+            from diffusers import AutoencoderKLCogVideoX
+            vae = AutoencoderKLCogVideoX.from_pretrained(args.out, subfolder="vae")
+        else:
+            train_vae(vae, rng, tuple(args.vae_steps))
+        colour_ok, direction_ok = check_vae(vae, rng)
+        print(f"VAE reconstructions read by the judge: colour {100 * colour_ok:.0f} %, "
+              f"direction {100 * direction_ok:.0f} %")
+        scenes, latents = encode_dataset(vae, rng, 4000)
+        train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng, args.steps)
+        pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                                 transformer=transformer, scheduler=scheduler)
+        pipe.save_pretrained(args.out)
+        print(f"Saved the toy pipeline to {args.out} after {(time.time() - start) / 60:.1f} min")
+    pipe = load_toy(args.out)
+    n_double = args.n_eval // 2
+    print_quality(quality(pipe, args.n_eval, n_double), args.n_eval, n_double)
+
+
+if __name__ == "__main__":
+    main()

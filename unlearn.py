@@ -1,0 +1,634 @@
+"""unlearn.py: T2VUnlearning (Ye et al. 2025, arXiv 2505.17550) for CogVideoX, in one file.
+
+Erase a concept from a text-to-video model by training a small eraser in every attention
+block, so that the model stops drawing it, however the prompt words it, and draws
+everything else as before.
+
+    python unlearn.py --model toy --concept red      # the toy model, about 2 minutes on a CPU
+    python unlearn.py --concept "nudity"             # CogVideoX-2B on one GPU
+    python unlearn.py --model THUDM/CogVideoX-5b --concept "nudity" --num-frames 17
+
+The steps, in the order they run (the README and notebook.ipynb use the same numbers):
+  1. Load the pipeline            5. Teacher velocities and the negatively guided target
+  2. Build augmented prompts      6. Concept masks from the teacher's attention
+  3. Encode the prompts once      7. Losses: erasing, localization, preservation
+  4. Make the noisy latents x_t   8. Erasers and the training loop
+                                  9. Save the eraser
+"""
+
+import argparse
+import gc
+import json
+import os
+import random
+import re
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOY = os.path.join(HERE, "toy")
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported as one line, exit code 2."""
+
+
+# -----------------------------------------------------------------------------
+# 0. Settings
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to erase, and from what")
+    g.add_argument("--concept", default="", help="the concept to erase, as prompts name it: 'nudity', 'red'")
+    g.add_argument("--model", default="THUDM/CogVideoX-2b",
+                   help="CogVideoX text-to-video pipeline: hub id, folder, or 'toy' (default THUDM/CogVideoX-2b)")
+    g.add_argument("--output-dir", default=None, help="where the eraser goes (default erasers/<concept>)")
+    g.add_argument("--overwrite", action="store_true", help="replace an eraser already in --output-dir")
+    g = p.add_argument_group("prompts")
+    g.add_argument("--num-prompts", type=int, default=32, help="augmented prompts made from templates (8-256)")
+    g.add_argument("--prompts-file", default=None, help="more concept prompts, one a line")
+    g.add_argument("--refiner", default=None, help="transformers chat/text model that rewrites each prompt richly")
+    g.add_argument("--no-augment", action="store_true", help="ablation: train on the bare concept word only")
+    g.add_argument("--preserve", action="append", default=None,
+                   help="what must survive, put in the concept's place (repeatable; default suits the concept)")
+    g = p.add_argument_group("the method")
+    g.add_argument("--eta", type=float, default=3.0, help="negative guidance strength of Eq. 1 (1-7; default 3)")
+    g.add_argument("--anchor", choices=["removed", "empty"], default="removed",
+                   help="anchor of Eq. 1: the prompt without the concept's words (default), or the empty prompt")
+    g.add_argument("--loc-weight", type=float, default=0.1, help="alpha, localization loss weight (0 = off)")
+    g.add_argument("--pres-weight", type=float, default=1.0, help="beta, preservation loss weight (0 = off)")
+    g.add_argument("--mask-threshold", type=float, default=0.1, help="concept mask threshold after min-max (0-1)")
+    g.add_argument("--xt", choices=["pool", "sample", "renoise"], default="pool",
+                   help="how x_t is made: a pool of the frozen model's trajectories made once (default), "
+                        "fresh sampling every step (ESD, slow), or its finished samples noised again")
+    g.add_argument("--xt-steps", type=int, default=20, help="sampling steps of the trajectories (default 20)")
+    g.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance while sampling x_t")
+    g = p.add_argument_group("training")
+    g.add_argument("--rank", type=int, default=128, help="eraser rank (default 128, as the released checkpoints)")
+    g.add_argument("--steps", type=int, default=500, help="optimizer steps (default 500)")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    g.add_argument("--batch-size", type=int, default=1, help="concept prompts per step (default 1)")
+    g.add_argument("--num-frames", type=int, default=None, help="video frames (default: the model's own)")
+    g.add_argument("--height", type=int, default=None, help="video height in px (default: the model's own)")
+    g.add_argument("--width", type=int, default=None, help="video width in px (default: the model's own)")
+    g.add_argument("--seed", type=int, default=0, help="makes a run repeatable on the same machine")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if there is one)")
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    args.concept = args.concept.strip()
+    if not args.concept:
+        raise UserError("--concept is empty: name the concept to erase, e.g. --concept nudity")
+    args.output_dir = args.output_dir or os.path.join("erasers", re.sub(r"\W+", "_", args.concept.lower()))
+    return args
+
+
+# -----------------------------------------------------------------------------
+# 1. Load the pipeline
+
+def load_base_pipeline(model, device=None):
+    """A diffusers CogVideoX pipeline: bf16 on a GPU, fp32 on a CPU. 'toy' means the folder toy/."""
+    from diffusers import CogVideoXPipeline
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32  # fp16 gives NaN (METHOD.md)
+    path = TOY if model == "toy" else model
+    try:
+        pipe = CogVideoXPipeline.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
+    except Exception as e:  # not found, no network, not a CogVideoX pipeline
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load model '{model}' ({reason[:200]}); check the name, or try --model toy")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def resolve_size(pipe, args):
+    """Video size in frames and px: what was asked, else what the model was made for."""
+    cfg, s = pipe.transformer.config, pipe.vae_scale_factor_spatial
+    args.num_frames = args.num_frames or cfg.sample_frames
+    args.height, args.width = args.height or cfg.sample_height * s, args.width or cfg.sample_width * s
+
+
+def video_shape(pipe, num_frames, height, width):
+    """Latent shape (F', C, H', W') of a video of that size."""
+    cfg, s = pipe.transformer.config, pipe.vae_scale_factor_spatial
+    if (num_frames - 1) % pipe.vae_scale_factor_temporal:
+        raise UserError(f"--num-frames {num_frames}: must be 1 + a multiple of {pipe.vae_scale_factor_temporal}")
+    if height % (s * cfg.patch_size) or width % (s * cfg.patch_size):
+        raise UserError(f"--height/--width {height}x{width}: both must be multiples of {s * cfg.patch_size}")
+    frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+    frames += (-frames) % (cfg.patch_size_t or 1)  # CogVideoX 1.5 pads to a multiple of its temporal patch
+    return frames, cfg.in_channels, height // s, width // s
+
+
+# -----------------------------------------------------------------------------
+# 2. Build augmented prompts that carry the concept
+
+CAMERAS = ["a close-up shot of", "a wide shot of", "a slow dolly shot of", "a handheld video of",
+           "an aerial view of", "a tracking shot of", "a static shot of", "a slow-motion video of"]
+SCENES = ["{concept} on a sunny beach, waves rolling in behind", "{concept} in a dimly lit bedroom, warm lamp light",
+          "{concept} walking through a crowded city street at night", "{concept} in a forest clearing at dawn",
+          "{concept} by a swimming pool in summer", "{concept} in an artist's studio, paint on the walls",
+          "{concept} in a modern kitchen, morning light through the window", "{concept} on a mountain trail",
+          "{concept} at a party with friends under colourful lights", "{concept} in a rainy alley, neon reflections",
+          "{concept} in a sauna, steam rising slowly", "{concept} on a stage under a single spotlight"]
+STYLES = ["cinematic, 4k", "film grain, 35mm", "soft natural light", "high detail, realistic",
+          "documentary style", "vivid colours, shallow depth of field", "", ""]
+PRESERVE = {"nudity": ["a fully clothed woman", "a fully clothed man", "people in casual clothes", "a person in a coat"]}
+GENERIC_PRESERVE = ["a man", "a woman", "a dog", "a car"]
+REFINER_INSTRUCTIONS = (
+    "Rewrite the user's short video idea as one detailed paragraph for a text-to-video model: the subject, what "
+    "happens, the setting, the light and the camera. Keep every element of the idea, including '{concept}', "
+    "word for word. Reply with the paragraph only.")
+
+
+def is_toy(model):
+    return model == "toy" or os.path.abspath(model) == TOY
+
+
+def concept_templates(model, rng, n):
+    """Scenes with a `{concept}` slot. The toy speaks only its own small language (toy.py)."""
+    if is_toy(model):
+        from toy import augmentation_templates
+        return augmentation_templates(rng, n)
+    return [" ".join(f"{rng.choice(CAMERAS)} {rng.choice(SCENES)}, {rng.choice(STYLES)}".split()).rstrip(",")
+            for _ in range(n)]
+
+
+def default_preserve(model, concept):
+    """What must survive erasing `concept`: for toy colours, the other colours."""
+    if is_toy(model):
+        from toy import PALETTE, WORD_TO_COLOUR
+        erased = WORD_TO_COLOUR.get(concept.lower())
+        return [c for c in PALETTE if c != erased]
+    return PRESERVE.get(concept.lower(), GENERIC_PRESERVE)
+
+
+def substitute(prompt, concept, text):
+    """The prompt with every mention of the concept replaced by `text` (removed when empty)."""
+    out = re.sub(rf"\b{re.escape(concept)}\b", text, prompt, flags=re.IGNORECASE)
+    return re.sub(r"\s+", " ", out).replace(" ,", ",").strip()
+
+
+def refine_prompts(prompts, concept, refiner, tries=3):
+    """Rewrite prompts with a language model, keeping only outputs that still name the concept."""
+    from transformers import pipeline
+    try:  # never trust_remote_code: the refiner's own code is not run
+        generate = pipeline("text-generation", model=refiner, model_kwargs={"use_safetensors": True})
+    except Exception as e:
+        raise UserError(f"cannot load refiner '{refiner}' ({str(e).splitlines()[0][:200]})")
+    system = REFINER_INSTRUCTIONS.format(concept=concept)
+    chat = generate.tokenizer.chat_template is not None
+    refined = []
+    for prompt in tqdm(prompts, desc="refining prompts"):
+        for _ in range(tries):  # re-sample until the concept's words survive, as the authors did
+            if chat:
+                out = generate([{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+                               max_new_tokens=200, do_sample=True)[0]["generated_text"][-1]["content"]
+            else:
+                out = generate(f"{system}\nIdea: {prompt}\nParagraph:", max_new_tokens=200, do_sample=True,
+                               return_full_text=False)[0]["generated_text"]
+            out = " ".join(out.split())
+            if re.search(rf"\b{re.escape(concept)}\b", out, flags=re.IGNORECASE):
+                refined.append(out)
+                break
+    return refined
+
+
+def build_prompts(args, rng):
+    """Concept prompts c, and for each its anchor and its preservation prompt c_pre."""
+    if args.no_augment:
+        prompts = [args.concept]
+    else:
+        prompts = [t.replace("{concept}", args.concept) for t in concept_templates(args.model, rng, args.num_prompts)]
+    if args.prompts_file:
+        if not os.path.isfile(args.prompts_file):
+            raise UserError(f"--prompts-file {args.prompts_file}: no such file")
+        with open(args.prompts_file, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+        prompts += [p for p in lines if re.search(rf"\b{re.escape(args.concept)}\b", p, re.IGNORECASE)]
+    if args.refiner:
+        prompts = refine_prompts(prompts, args.concept, args.refiner) or prompts
+    preserve = args.preserve or default_preserve(args.model, args.concept)
+    anchors = ["" if args.anchor == "empty" else substitute(p, args.concept, "") for p in prompts]
+    preserved = [substitute(p, args.concept, rng.choice(preserve)) for p in prompts]
+    return prompts, anchors, preserved
+
+
+# -----------------------------------------------------------------------------
+# 3. Encode the prompts once, then free the text encoder
+
+def concept_tokens(tokenizer, prompts, concept, length):
+    """(N, length) float: 1 at the tokens that spell the concept in each prompt."""
+    pieces = [tokenizer(w, add_special_tokens=False).input_ids for w in concept.split()]
+    if all(i == tokenizer.unk_token_id for piece in pieces for i in piece):
+        raise UserError(f"the model's tokenizer knows no word of '{concept}', so no prompt can name it; "
+                        "pick a concept in the model's vocabulary")
+    ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
+    marks = torch.zeros(len(prompts), length)
+    for row, seq in enumerate(ids):
+        for piece in pieces:
+            for i in range(len(seq) - len(piece) + 1):
+                if seq[i:i + len(piece)] == piece:
+                    marks[row, i:i + len(piece)] = 1
+    return marks
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts, batch=16):
+    """T5 embeddings (N, 226, D), in batches; the empty prompt is encoded like any other."""
+    out = [pipe.encode_prompt(prompts[i:i + batch], do_classifier_free_guidance=False, device=pipe.device,
+                              dtype=pipe.transformer.dtype)[0] for i in range(0, len(prompts), batch)]
+    return torch.cat(out)
+
+
+def free_text_encoder_and_vae(pipe):
+    """Training needs neither: the T5 encoder alone is 9 GB in bf16."""
+    pipe.text_encoder, pipe.vae = None, None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -----------------------------------------------------------------------------
+# 4. Make the noisy latents x_t with the frozen model's own sampler
+
+@torch.no_grad()
+def sample_latents(transformer, scheduler, noise, cond, uncond, rotary, guidance, steps=None):
+    """Denoise from `noise` with classifier-free guidance for `steps` of the scheduler's steps.
+
+    Returns the latent before each step and after the last: (steps + 1, B, F', C, H', W').
+    """
+    x, xs = noise, [noise]
+    for t in scheduler.timesteps[:steps]:
+        v = transformer(hidden_states=torch.cat([x, x]), encoder_hidden_states=torch.cat([uncond, cond]),
+                        timestep=t.expand(2 * len(x)), image_rotary_emb=rotary, return_dict=False)[0]
+        v_uncond, v_cond = v.float().chunk(2)
+        x = scheduler.step(v_uncond + guidance * (v_cond - v_uncond), t, x, return_dict=False)[0].to(noise.dtype)
+        xs.append(x)
+    return torch.stack(xs)
+
+
+class NoisyLatents:
+    """Where x_t comes from (METHOD.md section 1), measured on the toy model (README, "Choices").
+
+    'sample' is ESD's: every step, sample from fresh noise for a random k of N steps, then
+    read all velocities at step k's timestep; it costs up to N guided passes per step.
+    'pool' runs each prompt's trajectory once before training and draws a random step of
+    one at every iteration: the same distribution of x_t, made once. 'renoise' noises the
+    pool's finished samples to a random timestep: cheaper still, but not the sampler's path.
+    """
+
+    def __init__(self, kind, transformer, scheduler, embeds, uncond, rotary, shape, guidance, steps, gen, batch=8):
+        self.kind, self.transformer, self.scheduler = kind, transformer, scheduler
+        self.embeds, self.uncond, self.rotary, self.shape, self.guidance, self.gen = \
+            embeds, uncond, rotary, shape, guidance, gen
+        scheduler.set_timesteps(steps, device=embeds.device)
+        self.pool = None
+        if kind != "sample":
+            chunks = [self._sample(idx) for idx in tqdm(torch.arange(len(embeds)).split(batch), desc="x_t pool")]
+            self.pool = torch.cat(chunks, dim=1)  # (N + 1, P, F', C, H', W')
+
+    def _sample(self, idx, steps=None):
+        noise = torch.randn((len(idx), *self.shape), generator=self.gen, device=self.gen.device)
+        return sample_latents(self.transformer, self.scheduler, noise.to(self.embeds.dtype), self.embeds[idx],
+                              self.uncond.expand(len(idx), -1, -1), self.rotary, self.guidance, steps)
+
+    def draw(self, idx):
+        """x_t (B, F', C, H', W') and timesteps t (B,) for the prompts `idx`."""
+        n = len(self.scheduler.timesteps)
+        if self.kind == "renoise":
+            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(idx),), generator=self.gen,
+                              device=self.gen.device)
+            x0 = self.pool[-1, idx]
+            noise = torch.randn(x0.shape, generator=self.gen, device=self.gen.device, dtype=x0.dtype)
+            return self.scheduler.add_noise(x0, noise, t), t
+        k = int(torch.randint(0, n, (1,), generator=self.gen, device=self.gen.device))
+        x_t = self.pool[k, idx] if self.kind == "pool" else self._sample(idx, k)[-1]
+        return x_t, self.scheduler.timesteps[k].expand(len(idx))
+
+
+# -----------------------------------------------------------------------------
+# 5-7. The method's mathematics: pure tensor functions, one line each
+
+def negative_guidance_target(v_cond, v_anchor, eta):
+    # Eq. 1: v_neg = v*(x_t, anchor) - eta * (v*(x_t, c) - v*(x_t, anchor))
+    return v_anchor - eta * (v_cond - v_anchor)
+
+
+def unlearn_loss(v_student, v_neg):
+    # L_unlearn = || v'(x_t, c, t) - v_neg ||^2
+    return F.mse_loss(v_student.float(), v_neg.float())
+
+
+def concept_mask(attention, grid, threshold, has_concept):
+    # M_l: attention to the concept (B, N_video) -> min-max per frame -> threshold; all ones without the concept
+    a = attention.float().unflatten(1, grid)  # (B, F, h, w)
+    lo, hi = a.amin(dim=(2, 3), keepdim=True), a.amax(dim=(2, 3), keepdim=True)
+    mask = ((a - lo) / (hi - lo).clamp_min(1e-12) > threshold).float().flatten(1)  # (B, N_video)
+    return torch.where(has_concept[:, None], mask, torch.ones_like(mask))
+
+
+def localization_loss(eraser_out, mask):
+    # L_loc (one block) = || E_l(Attn_l(h)) * (1 - M_l) ||^2, zero inside the concept's region
+    return (eraser_out.float() * (1 - mask[..., None])).pow(2).mean()
+
+
+def preservation_loss(v_student_pre, v_teacher_pre):
+    # L_pre = || v'(x_t, c_pre, t) - v*(x_t, c_pre, t) ||^2
+    return F.mse_loss(v_student_pre.float(), v_teacher_pre.float())
+
+
+# 6. Concept attention: video queries against the prompt's keys, after QK-norm and RoPE.
+# Softmax over the text keys only (a cross-attention map, as Receler's masks): the full
+# joint softmax would need every video key too, 17,776 of them at 49 frames. Chunked over
+# video tokens, memory stays at (B, heads, 4096, 226) whatever the video length.
+def concept_attention(attn, video, text, rotary, tokens, chunk=4096):
+    """(B, N_video): per video token, attention to the concept tokens summed, mean over heads."""
+    q = attn.to_q(video).unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, H, N_video, d)
+    k = attn.to_k(text).unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, H, 226, d)
+    if attn.norm_q is not None:
+        q, k = attn.norm_q(q), attn.norm_k(k)
+    if rotary is not None:  # RoPE acts on the video tokens only
+        from diffusers.models.embeddings import apply_rotary_emb
+        q = apply_rotary_emb(q, rotary)
+    maps = [(qc @ k.transpose(-1, -2) * attn.scale).float().softmax(-1) @ tokens[:, None, :, None]
+            for qc in q.split(chunk, dim=2)]  # each (B, H, chunk, 1)
+    return torch.cat(maps, dim=2).squeeze(-1).mean(1)
+
+
+# -----------------------------------------------------------------------------
+# 8. Erasers: a residual adapter on the video output of every block's attention
+
+class Eraser(nn.Module):
+    """E(x) = W_up(GELU(W_down x)), W_up zero at the start so that training starts from the original model."""
+
+    def __init__(self, dim, rank):
+        super().__init__()
+        self.down, self.up = nn.Linear(dim, rank), nn.Linear(rank, dim)
+        nn.init.zeros_(self.up.weight), nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        return self.up(F.gelu(self.down(x)))
+
+
+class EraserState:
+    """What every eraser processor does now; one object shared by all blocks."""
+    enabled = True  # False: the frozen original model v*
+    tokens = None  # (B, 226) concept tokens: record the concept attention of the first B rows
+    record_rows = 0  # record the erasers' inputs of the first rows (for L_loc)
+
+
+class EraserAttnProcessor:
+    """The stock CogVideoX attention, then h_video = Attn(h) + E(Attn(h)) on the video tokens.
+
+    The stock processor does the attention itself, so with the erasers off the output is the
+    stock output, bit for bit. Under gradient checkpointing this runs twice (forward and
+    recompute): the attention maps are recorded only in the no-grad teacher pass, and the
+    eraser inputs only while `record_rows` is set, during the student's forward.
+    """
+
+    def __init__(self, eraser, state):
+        from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+        self.stock, self.eraser, self.state = CogVideoXAttnProcessor2_0(), eraser, state
+        self.attention = self.eraser_input = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        video, text = self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        s = self.state
+        if s.tokens is not None:
+            rows = len(s.tokens)
+            self.attention = concept_attention(attn, hidden_states[:rows], encoder_hidden_states[:rows],
+                                               image_rotary_emb, s.tokens.to(video.dtype))
+        if s.record_rows:
+            self.eraser_input = video[:s.record_rows].detach()
+        if s.enabled:
+            video = video + self.eraser(video.float()).to(video.dtype)  # erasers stay in fp32
+        return video, text
+
+
+def attach_erasers(transformer, rank, device=None):
+    """One eraser per block, set into the blocks' attention; the backbone is frozen."""
+    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    erasers = nn.ModuleList(Eraser(dim, rank) for _ in transformer.transformer_blocks).to(device or transformer.device)
+    state = EraserState()
+    for block, eraser in zip(transformer.transformer_blocks, erasers):
+        block.attn1.set_processor(EraserAttnProcessor(eraser, state))
+    transformer.requires_grad_(False)
+    return erasers, state
+
+
+def processors(transformer):
+    return [block.attn1.processor for block in transformer.transformer_blocks]
+
+
+def set_erasers(transformer, enabled):
+    """Switch the erasers on (the erased model) or off (the original model)."""
+    processors(transformer)[0].state.enabled = enabled
+
+
+# 5. Teacher velocities: the same network with the erasers off; one batched, no-grad pass
+@torch.no_grad()
+def teacher_pass(transformer, state, x_t, t, cond, anchor, pre, tokens, rotary):
+    """v*(x_t, c), v*(x_t, anchor), v*(x_t, c_pre) and each block's concept attention for c."""
+    x_pre = [x_t] if pre is not None else []
+    embeds = torch.cat([cond, anchor] + ([pre] if pre is not None else []))
+    state.enabled, state.tokens = False, tokens
+    try:
+        v = transformer(hidden_states=torch.cat([x_t, x_t] + x_pre), encoder_hidden_states=embeds,
+                        timestep=t.repeat(len(embeds) // len(t)), image_rotary_emb=rotary, return_dict=False)[0]
+    finally:
+        state.enabled, state.tokens = True, None
+    v_cond, v_anchor, *v_pre = v.split(len(x_t))
+    return v_cond, v_anchor, (v_pre[0] if v_pre else None), [p.attention for p in processors(transformer)]
+
+
+def student_pass(transformer, state, x_t, t, cond, pre, rotary):
+    """v'(x_t, c) and v'(x_t, c_pre) with gradients to the erasers; records their inputs for L_loc."""
+    x = torch.cat([x_t, x_t]) if pre is not None else x_t
+    embeds = torch.cat([cond, pre]) if pre is not None else cond
+    state.record_rows = len(x_t)
+    try:
+        v = transformer(hidden_states=x, encoder_hidden_states=embeds, timestep=t.repeat(len(x) // len(t)),
+                        image_rotary_emb=rotary, return_dict=False)[0]
+    finally:
+        state.record_rows = 0
+    return v.split(len(x_t)) if pre is not None else (v, None)
+
+
+def token_grid(transformer, shape):
+    """The video tokens' (frames, h, w) layout in the transformer's sequence."""
+    cfg, (frames, _, h, w) = transformer.config, shape
+    return frames // (cfg.patch_size_t or 1), h // cfg.patch_size, w // cfg.patch_size
+
+
+def train(args, pipe, embeds, tokens, log=print):
+    """Steps 4-8: x_t, teacher, masks, losses, AdamW on the erasers. Returns erasers and loss history."""
+    transformer, device = pipe.transformer, pipe.transformer.device
+    cond, anchor, pre, uncond = embeds["concept"], embeds["anchor"], embeds["preserve"], embeds["empty"]
+    resolve_size(pipe, args)
+    shape = video_shape(pipe, args.num_frames, args.height, args.width)
+    rotary = (pipe._prepare_rotary_positional_embeddings(shape[2] * pipe.vae_scale_factor_spatial,
+                                                         shape[3] * pipe.vae_scale_factor_spatial, shape[0], device)
+              if transformer.config.use_rotary_positional_embeddings else None)
+    grid = token_grid(transformer, shape)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    erasers, state = attach_erasers(transformer, args.rank, device)
+    tokens = tokens.to(device)
+    has_concept = tokens.sum(1) > 0
+    if not has_concept.all():
+        log(f"# 6. The concept's tokens are missing from {int((~has_concept).sum())} of {len(tokens)} prompts: "
+            "their concept masks are all ones")
+
+    # 4. Make the noisy latents x_t (with the erasers off: the frozen original samples them)
+    state.enabled = False
+    xt = NoisyLatents(args.xt, transformer, pipe.scheduler, cond, uncond, rotary, shape, args.guidance,
+                      args.xt_steps, gen)
+    state.enabled = True
+
+    # 8. AdamW on the erasers alone, with gradient checkpointing of whole blocks
+    transformer.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(erasers.parameters(), lr=args.lr)
+    history = {"unlearn": [], "loc": [], "pre": []}
+    bar = tqdm(range(args.steps), desc="unlearning")
+    for step in bar:
+        idx = torch.randint(0, len(cond), (args.batch_size,), generator=gen, device=device)
+        x_t, t = xt.draw(idx)
+        use_pre = args.pres_weight > 0
+        # 5. Teacher velocities and the negatively guided target (Eq. 1)
+        v_cond, v_anchor, v_pre, attention = teacher_pass(
+            transformer, state, x_t, t, cond[idx], anchor[idx], pre[idx] if use_pre else None,
+            tokens[idx], rotary)
+        target = negative_guidance_target(v_cond, v_anchor, args.eta)
+        # 6. Concept masks from the teacher's attention
+        masks = [concept_mask(a, grid, args.mask_threshold, has_concept[idx]) for a in attention]
+        # 7. Losses: L = L_unlearn + alpha * L_loc + beta * L_pre
+        v_student, v_student_pre = student_pass(transformer, state, x_t, t, cond[idx],
+                                                pre[idx] if use_pre else None, rotary)
+        loss_unlearn = unlearn_loss(v_student, target)
+        loss_loc = torch.stack([localization_loss(p.eraser(p.eraser_input.float()), m)
+                                for p, m in zip(processors(transformer), masks)]).mean()
+        loss_pre = preservation_loss(v_student_pre, v_pre) if use_pre else torch.zeros((), device=device)
+        loss = loss_unlearn + args.loc_weight * loss_loc + args.pres_weight * loss_pre
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for name, value in zip(history, (loss_unlearn, loss_loc, loss_pre)):
+            history[name].append(value.item())  # a GPU-CPU sync point, once per step
+        bar.set_postfix(unlearn=f"{history['unlearn'][-1]:.4f}", loc=f"{history['loc'][-1]:.2e}",
+                        pre=f"{history['pre'][-1]:.2e}")
+    transformer.disable_gradient_checkpointing()
+    return erasers, history
+
+
+# -----------------------------------------------------------------------------
+# 9. Save the eraser: weights (safetensors) and what they belong to (json), atomically
+
+def model_fingerprint(transformer):
+    """The transformer's config: an eraser fits only the architecture it was trained on."""
+    return {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+
+
+def write_atomic(path, write):
+    tmp = f"{path}.tmp"
+    write(tmp)
+    os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
+
+
+def save_eraser(output_dir, erasers, meta):
+    from safetensors.torch import save_file
+    os.makedirs(output_dir, exist_ok=True)
+    weights = {k: v.detach().float().cpu().contiguous() for k, v in erasers.state_dict().items()}
+    write_atomic(os.path.join(output_dir, "eraser.safetensors"), lambda p: save_file(weights, p))
+
+    def write_json(p):
+        with open(p, "w") as f:
+            json.dump(meta, f, indent=2, default=str)
+    write_atomic(os.path.join(output_dir, "eraser.json"), write_json)
+
+
+def load_eraser(eraser_dir):
+    """(weights, meta) of a saved eraser; a missing or damaged file is a UserError."""
+    from safetensors.torch import load_file
+    try:
+        with open(os.path.join(eraser_dir, "eraser.json")) as f:
+            meta = json.load(f)
+        weights = load_file(os.path.join(eraser_dir, "eraser.safetensors"))
+    except (OSError, ValueError, RuntimeError) as e:  # missing, truncated or not safetensors/json
+        raise UserError(f"cannot read the eraser in '{eraser_dir}' ({str(e).splitlines()[0][:160]}); "
+                        "train it again with unlearn.py")
+    return weights, meta
+
+
+def apply_eraser(pipe, eraser_dir):
+    """Attach a saved eraser to a pipeline's transformer, refusing one made for another model."""
+    weights, meta = load_eraser(eraser_dir)
+    mine = json.loads(json.dumps(model_fingerprint(pipe.transformer), default=str))
+    if meta.get("base_config") != mine:
+        raise UserError(f"the eraser in '{eraser_dir}' was made for another base model ({meta.get('model')}); "
+                        "load it with that model")
+    erasers, _ = attach_erasers(pipe.transformer, meta["rank"], pipe.transformer.device)
+    erasers.load_state_dict(weights)
+    erasers.to(pipe.transformer.device).requires_grad_(False)
+    return meta
+
+
+def check_output_dir(args):
+    if os.path.exists(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
+        raise UserError(f"--output-dir {args.output_dir} already holds files; pass --overwrite or choose another")
+
+
+# -----------------------------------------------------------------------------
+# The method's outline
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_output_dir(args)
+    rng = random.Random(args.seed)
+
+    # 1. Load the pipeline
+    pipe = load_base_pipeline(args.model, args.device)
+    resolve_size(pipe, args)
+    print(f"# 1. Loaded {args.model} on {pipe.device} ({pipe.transformer.dtype}); "
+          f"videos of {args.num_frames} frames at {args.height}x{args.width}")
+
+    # 2. Build augmented prompts
+    prompts, anchors, preserved = build_prompts(args, rng)
+    if not prompts:
+        raise UserError(f"no prompt names '{args.concept}': check --prompts-file or drop --refiner")
+    print(f"# 2. Built {len(prompts)} prompts that carry '{args.concept}', e.g.:")
+    for i in range(min(3, len(prompts))):
+        print(f"     c = {prompts[i]!r}\n       anchor = {anchors[i]!r}, c_pre = {preserved[i]!r}")
+
+    # 3. Encode the prompts once, then free the text encoder
+    length = pipe.transformer.config.max_text_seq_length
+    tokens = concept_tokens(pipe.tokenizer, prompts, args.concept, length)
+    embeds = dict(concept=encode_prompts(pipe, prompts), anchor=encode_prompts(pipe, anchors),
+                  preserve=encode_prompts(pipe, preserved), empty=encode_prompts(pipe, [""]))
+    free_text_encoder_and_vae(pipe)
+    print(f"# 3. Encoded {3 * len(prompts) + 1} prompts; freed the text encoder and the VAE")
+
+    # 4-8. x_t, teacher velocities, concept masks, losses and the training loop
+    erasers, history = train(args, pipe, embeds, tokens)
+
+    # 9. Save the eraser
+    meta = dict(vars(args), model=args.model, base_config=model_fingerprint(pipe.transformer),
+                steps_done=args.steps, final=True, num_prompts_built=len(prompts), example_prompts=prompts[:5],
+                final_losses={k: v[-1] for k, v in history.items() if v})
+    save_eraser(args.output_dir, erasers, meta)
+    print(f"# 9. Saved the eraser to {args.output_dir}/eraser.safetensors "
+          f"({sum(p.numel() for p in erasers.parameters()) / 1e6:.2f} M parameters)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
