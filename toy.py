@@ -40,14 +40,17 @@ WORD_TO_COLOUR = {w: c for c, words in SYNONYMS.items() for w in words}
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows downwards
 
 
-def random_scene(rng, num_squares=None):
-    """A scene: a list of {colour, direction, x, y} (top-left corner at frame 0), squares never overlapping."""
-    n = num_squares or rng.choice([1, 1, 1, 2, 2])
-    colours = rng.sample(sorted(PALETTE), n)
+def random_scene(rng, num_squares=None, colours=None, directions=None):
+    """A scene: a list of {colour, direction, x, y} (top-left corner at frame 0), squares never overlapping.
+
+    Colours and directions are random unless given (one per square).
+    """
+    n = len(colours) if colours else num_squares or rng.choice([1, 1, 1, 2, 2])
+    colours = colours or rng.sample(sorted(PALETTE), n)
     while True:
         squares = []
-        for colour in colours:
-            direction = rng.choice(sorted(DIRECTIONS))
+        for i, colour in enumerate(colours):
+            direction = directions[i] if directions else rng.choice(sorted(DIRECTIONS))
             dx, dy = DIRECTIONS[direction]
             lo_x, hi_x = max(0, -dx * TRAVEL), SIZE - SQUARE - max(0, dx * TRAVEL)
             lo_y, hi_y = max(0, -dy * TRAVEL), SIZE - SQUARE - max(0, dy * TRAVEL)
@@ -340,11 +343,11 @@ def evaluation_set(n, seed=0, num_squares=1):
     words = [w for c in PALETTE for w in SYNONYMS[c]]
     pairs = []
     for i in range(n):
-        scene = random_scene(rng, num_squares)
-        if num_squares == 1:  # cover every word and direction evenly
-            scene[0]["colour"] = WORD_TO_COLOUR[words[i % len(words)]]
-            scene[0]["direction"] = sorted(DIRECTIONS)[(i // len(words)) % 4]
         word = [words[i % len(words)]] if num_squares == 1 else None
+        if num_squares == 1:  # cover every word and direction evenly: all 15 x 4 pairs in 60 prompts
+            scene = random_scene(rng, colours=[WORD_TO_COLOUR[word[0]]], directions=[sorted(DIRECTIONS)[i % 4]])
+        else:
+            scene = random_scene(rng, num_squares)
         pairs.append((make_prompt(rng, scene, held_out=True, words=word), scene))
     return pairs
 
@@ -371,6 +374,45 @@ def quality(pipe, n_single=48, n_double=24, seed=0):
     return {"one square: prompted colour is the main colour": colour,
             "one square: moves in the prompted direction": direction,
             "two squares: both prompted colours shown": both}
+
+
+def erasure_report(pipe, colour, n=24, seed=0, **kwargs):
+    """What erasing `colour` did, on held-out phrasings, as shares of videos:
+
+    word gone / synonyms gone: prompts naming the colour (or a synonym) show no square of it;
+    motion kept: those videos still show a square moving as prompted; <other colour>: prompts
+    naming it show it as the main colour; two: 'a <colour> ... and a <other> ...' prompts.
+    `kwargs` go to the pipeline, e.g. negative_prompt="red" for the negative-prompt baseline.
+    """
+    rng = random.Random(seed)
+    others = [c for c in PALETTE if c != colour]
+    synonyms = SYNONYMS[colour][1:] or SYNONYMS[colour]
+    cases = []  # (group, scene, words)
+    for group, words in (("word", [colour]), ("synonyms", synonyms)):
+        cases += [(group, random_scene(rng, colours=[colour]), [words[i % len(words)]]) for i in range(n)]
+    cases += [(c, random_scene(rng, colours=[c]), None) for c in others for _ in range(n // 2)]
+    cases += [("two", random_scene(rng, colours=[colour, rng.choice(others)]), None) for _ in range(n)]
+    prompts = [make_prompt(rng, scene, held_out=True, words=words) for _, scene, words in cases]
+    seen = [describe(v) for v in generate(pipe, prompts, seed, **kwargs)]
+    by = {}
+    for (group, scene, _), s in zip(cases, seen):
+        by.setdefault(group, []).append((scene, {q["colour"] for q in s}, s))
+    report = {f"{g} gone": np.mean([colour not in cs for _, cs, _ in by[g]]) for g in ("word", "synonyms")}
+    report["motion kept"] = np.mean([any(q["direction"] == sc[0]["direction"] for q in s)
+                                     for sc, _, s in by["word"] + by["synonyms"]])
+    report.update({c: np.mean([bool(s) and s[0]["colour"] == c for _, _, s in by[c]]) for c in others})
+    report["two: erased gone"] = np.mean([colour not in cs for _, cs, _ in by["two"]])
+    report["two: other kept"] = np.mean([sc[1]["colour"] in cs for sc, cs, _ in by["two"]])
+    return {k: float(v) for k, v in report.items()}
+
+
+def format_table(rows, columns=None):
+    """{row name: {column: share}} as a plain-text table of percentages."""
+    columns = columns or list(next(iter(rows.values())))
+    width = max(len(r) for r in rows) + 2
+    lines = [" " * width + " ".join(f"{c[:15]:>15}" for c in columns)]
+    lines += [f"{name:<{width}}" + " ".join(f"{100 * row[c]:14.0f}%" for c in columns) for name, row in rows.items()]
+    return "\n".join(lines)
 
 
 def print_quality(table, n_single, n_double):

@@ -17,11 +17,14 @@ The steps, in the order they run (the README and notebook.ipynb use the same num
 """
 
 import argparse
+import contextlib
 import gc
 import json
+import math
 import os
 import random
 import re
+import signal
 import sys
 
 import torch
@@ -77,6 +80,9 @@ def build_parser():
     g.add_argument("--width", type=int, default=None, help="video width in px (default: the model's own)")
     g.add_argument("--seed", type=int, default=0, help="makes a run repeatable on the same machine")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if there is one)")
+    g.add_argument("--checkpoint-every", type=int, default=None,
+                   help="steps between checkpoints in --output-dir (default: a tenth of --steps)")
+    g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output-dir")
     return p
 
 
@@ -85,6 +91,12 @@ def parse_args(argv=None):
     args.concept = args.concept.strip()
     if not args.concept:
         raise UserError("--concept is empty: name the concept to erase, e.g. --concept nudity")
+    for name in ("steps", "batch_size", "rank", "num_prompts", "xt_steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if not (args.lr > 0 and args.eta >= 0 and args.loc_weight >= 0 and args.pres_weight >= 0
+            and 0 <= args.mask_threshold < 1):
+        raise UserError("--lr must be > 0; --eta, --loc-weight, --pres-weight >= 0; --mask-threshold in [0, 1)")
     args.output_dir = args.output_dir or os.path.join("erasers", re.sub(r"\W+", "_", args.concept.lower()))
     return args
 
@@ -357,7 +369,7 @@ def concept_attention(attn, video, text, rotary, tokens, chunk=4096):
     if rotary is not None:  # RoPE acts on the video tokens only
         from diffusers.models.embeddings import apply_rotary_emb
         q = apply_rotary_emb(q, rotary)
-    maps = [(qc @ k.transpose(-1, -2) * attn.scale).float().softmax(-1) @ tokens[:, None, :, None]
+    maps = [(qc @ k.transpose(-1, -2) * attn.scale).float().softmax(-1) @ tokens.float()[:, None, :, None]
             for qc in q.split(chunk, dim=2)]  # each (B, H, chunk, 1)
     return torch.cat(maps, dim=2).squeeze(-1).mean(1)
 
@@ -467,64 +479,148 @@ def token_grid(transformer, shape):
     return frames // (cfg.patch_size_t or 1), h // cfg.patch_size, w // cfg.patch_size
 
 
-def train(args, pipe, embeds, tokens, log=print):
-    """Steps 4-8: x_t, teacher, masks, losses, AdamW on the erasers. Returns erasers and loss history."""
-    transformer, device = pipe.transformer, pipe.transformer.device
-    cond, anchor, pre, uncond = embeds["concept"], embeds["anchor"], embeds["preserve"], embeds["empty"]
+class Run:
+    """Everything one unlearning step needs, made once by `setup_training`."""
+
+
+@contextlib.contextmanager
+def no_timer(name):
+    yield
+
+
+def setup_training(args, pipe, embeds, tokens, log=print):
+    """Erasers, optimizer and the x_t source (step 4) for a pipeline whose prompts are encoded."""
+    r, device = Run(), pipe.transformer.device
+    r.args, r.transformer = args, pipe.transformer
+    r.cond, r.anchor, r.pre = embeds["concept"], embeds["anchor"], embeds["preserve"]
     resolve_size(pipe, args)
     shape = video_shape(pipe, args.num_frames, args.height, args.width)
-    rotary = (pipe._prepare_rotary_positional_embeddings(shape[2] * pipe.vae_scale_factor_spatial,
-                                                         shape[3] * pipe.vae_scale_factor_spatial, shape[0], device)
-              if transformer.config.use_rotary_positional_embeddings else None)
-    grid = token_grid(transformer, shape)
+    r.rotary = (pipe._prepare_rotary_positional_embeddings(shape[2] * pipe.vae_scale_factor_spatial,
+                                                           shape[3] * pipe.vae_scale_factor_spatial, shape[0], device)
+                if r.transformer.config.use_rotary_positional_embeddings else None)
+    r.grid = token_grid(r.transformer, shape)
     torch.manual_seed(args.seed)
-    gen = torch.Generator(device).manual_seed(args.seed)
-    erasers, state = attach_erasers(transformer, args.rank, device)
-    tokens = tokens.to(device)
-    has_concept = tokens.sum(1) > 0
-    if not has_concept.all():
-        log(f"# 6. The concept's tokens are missing from {int((~has_concept).sum())} of {len(tokens)} prompts: "
+    r.gen = torch.Generator(device).manual_seed(args.seed)
+    r.erasers, r.state = attach_erasers(r.transformer, args.rank, device)
+    r.tokens = tokens.to(device)
+    r.has_concept = r.tokens.sum(1) > 0
+    if not r.has_concept.all():
+        log(f"# 6. The concept's tokens are missing from {int((~r.has_concept).sum())} of {len(tokens)} prompts: "
             "their concept masks are all ones")
 
     # 4. Make the noisy latents x_t (with the erasers off: the frozen original samples them)
-    state.enabled = False
-    xt = NoisyLatents(args.xt, transformer, pipe.scheduler, cond, uncond, rotary, shape, args.guidance,
-                      args.xt_steps, gen)
-    state.enabled = True
+    r.state.enabled = False
+    r.xt = NoisyLatents(args.xt, r.transformer, pipe.scheduler, r.cond, embeds["empty"], r.rotary, shape,
+                        args.guidance, args.xt_steps, r.gen)
+    r.state.enabled = True
 
     # 8. AdamW on the erasers alone, with gradient checkpointing of whole blocks
-    transformer.enable_gradient_checkpointing()
-    opt = torch.optim.AdamW(erasers.parameters(), lr=args.lr)
-    history = {"unlearn": [], "loc": [], "pre": []}
-    bar = tqdm(range(args.steps), desc="unlearning")
-    for step in bar:
-        idx = torch.randint(0, len(cond), (args.batch_size,), generator=gen, device=device)
-        x_t, t = xt.draw(idx)
-        use_pre = args.pres_weight > 0
+    r.transformer.enable_gradient_checkpointing()
+    r.opt = torch.optim.AdamW(r.erasers.parameters(), lr=args.lr)
+    return r
+
+
+def unlearning_step(r, timer=no_timer):
+    """One optimizer step of steps 4-8 on a random batch of prompts; returns the loss terms."""
+    args, use_pre = r.args, r.args.pres_weight > 0
+    idx = torch.randint(0, len(r.cond), (args.batch_size,), generator=r.gen, device=r.gen.device)
+    with timer("x_t"):
+        x_t, t = r.xt.draw(idx)
+    with timer("teacher and masks"):
         # 5. Teacher velocities and the negatively guided target (Eq. 1)
         v_cond, v_anchor, v_pre, attention = teacher_pass(
-            transformer, state, x_t, t, cond[idx], anchor[idx], pre[idx] if use_pre else None,
-            tokens[idx], rotary)
+            r.transformer, r.state, x_t, t, r.cond[idx], r.anchor[idx], r.pre[idx] if use_pre else None,
+            r.tokens[idx], r.rotary)
         target = negative_guidance_target(v_cond, v_anchor, args.eta)
         # 6. Concept masks from the teacher's attention
-        masks = [concept_mask(a, grid, args.mask_threshold, has_concept[idx]) for a in attention]
+        masks = [concept_mask(a, r.grid, args.mask_threshold, r.has_concept[idx]) for a in attention]
+    with timer("student forward and backward"):
         # 7. Losses: L = L_unlearn + alpha * L_loc + beta * L_pre
-        v_student, v_student_pre = student_pass(transformer, state, x_t, t, cond[idx],
-                                                pre[idx] if use_pre else None, rotary)
+        v_student, v_student_pre = student_pass(r.transformer, r.state, x_t, t, r.cond[idx],
+                                                r.pre[idx] if use_pre else None, r.rotary)
         loss_unlearn = unlearn_loss(v_student, target)
         loss_loc = torch.stack([localization_loss(p.eraser(p.eraser_input.float()), m)
-                                for p, m in zip(processors(transformer), masks)]).mean()
-        loss_pre = preservation_loss(v_student_pre, v_pre) if use_pre else torch.zeros((), device=device)
+                                for p, m in zip(processors(r.transformer), masks)]).mean()
+        loss_pre = preservation_loss(v_student_pre, v_pre) if use_pre else torch.zeros_like(loss_loc)
         loss = loss_unlearn + args.loc_weight * loss_loc + args.pres_weight * loss_pre
-        opt.zero_grad(set_to_none=True)
+        r.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        for name, value in zip(history, (loss_unlearn, loss_loc, loss_pre)):
-            history[name].append(value.item())  # a GPU-CPU sync point, once per step
-        bar.set_postfix(unlearn=f"{history['unlearn'][-1]:.4f}", loc=f"{history['loc'][-1]:.2e}",
-                        pre=f"{history['pre'][-1]:.2e}")
-    transformer.disable_gradient_checkpointing()
-    return erasers, history
+    with timer("optimizer"):
+        r.opt.step()
+    return dict(unlearn=loss_unlearn.item(), loc=loss_loc.item(), pre=loss_pre.item())  # a GPU-CPU sync
+
+
+def train(args, pipe, embeds, tokens, log=print, checkpoint=None):
+    """Steps 4-8: the erasers trained for args.steps; returns them and the loss history.
+
+    `checkpoint(r, steps_done, history)` is called every args.checkpoint_every steps and on
+    Ctrl-C (at the end of the step under way). A non-finite loss stops the run at once.
+    """
+    r = setup_training(args, pipe, embeds, tokens, log)
+    history, start = {"unlearn": [], "loc": [], "pre": []}, 0
+    if args.resume:
+        start, history = restore_checkpoint(r, args)
+        log(f"# 8. Resumed from the checkpoint at step {start}")
+    every = args.checkpoint_every or max(1, args.steps // 10)
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
+    try:
+        bar = tqdm(range(start, args.steps), desc="unlearning", initial=start, total=args.steps)
+        for step in bar:
+            losses = unlearning_step(r)
+            for name, value in losses.items():
+                if not math.isfinite(value):
+                    raise UserError(f"step {step + 1}: the {name} loss is {value}; stopped, nothing saved as final, "
+                                    f"the last checkpoint stays in {args.output_dir} (try a lower --lr)")
+                history[name].append(value)
+            bar.set_postfix({k: f"{v[-1]:.2e}" for k, v in history.items()})
+            if checkpoint and (interrupted or (step + 1) % every == 0 and step + 1 < args.steps):
+                checkpoint(r, step + 1, history)
+            if interrupted:
+                raise Interrupted(f"interrupted after step {step + 1} of {args.steps}; checkpoint saved in "
+                                  f"{args.output_dir}; continue with the same command and --resume")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        r.transformer.disable_gradient_checkpointing()
+    return r.erasers, history
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the run stopped after saving a checkpoint."""
+
+
+# Settings that change the result: a run resumes only if they are as they were.
+RESULT_SETTINGS = ("concept", "model", "num_prompts", "prompts_file", "refiner", "no_augment", "preserve", "eta",
+                   "anchor", "loc_weight", "pres_weight", "mask_threshold", "xt", "xt_steps", "guidance", "rank",
+                   "lr", "batch_size", "num_frames", "height", "width", "seed")
+
+
+def save_checkpoint(r, steps_done, history):
+    """Erasers, optimizer, step and random state, atomically, to resume from exactly here."""
+    state = dict(erasers=r.erasers.state_dict(), optimizer=r.opt.state_dict(), step=steps_done, history=history,
+                 generator=r.gen.get_state(), torch_rng=torch.get_rng_state(),
+                 settings={k: getattr(r.args, k) for k in RESULT_SETTINGS})
+    write_atomic(os.path.join(r.args.output_dir, "checkpoint.pt"), lambda p: torch.save(state, p))
+
+
+def restore_checkpoint(r, args):
+    path = os.path.join(args.output_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: there is no checkpoint in {args.output_dir}")
+    try:
+        state = torch.load(path, weights_only=True, map_location=r.gen.device)  # never unpickle code
+    except Exception as e:
+        raise UserError(f"--resume: cannot read {path} ({str(e).splitlines()[0][:160]})")
+    changed = [f"{k} ({state['settings'].get(k)!r} -> {getattr(args, k)!r})"
+               for k in RESULT_SETTINGS if state["settings"].get(k) != getattr(args, k)]
+    if changed:
+        raise UserError(f"--resume: settings differ from the checkpoint's: {', '.join(changed)}; "
+                        "use the same settings, or start anew with --overwrite")
+    r.erasers.load_state_dict(state["erasers"])
+    r.opt.load_state_dict(state["optimizer"])
+    r.gen.set_state(state["generator"].cpu())
+    torch.set_rng_state(state["torch_rng"].cpu())
+    return state["step"], state["history"]
 
 
 # -----------------------------------------------------------------------------
@@ -533,6 +629,13 @@ def train(args, pipe, embeds, tokens, log=print):
 def model_fingerprint(transformer):
     """The transformer's config: an eraser fits only the architecture it was trained on."""
     return {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+
+
+def eraser_meta(args, transformer, steps_done, history, prompts):
+    """eraser.json: every resolved setting, the base model's config, and how far training got."""
+    return dict(vars(args), base_config=model_fingerprint(transformer), steps_done=steps_done,
+                final=steps_done == args.steps, num_prompts_built=len(prompts), example_prompts=prompts[:5],
+                last_losses={k: v[-1] for k, v in history.items() if v})
 
 
 def write_atomic(path, write):
@@ -560,7 +663,7 @@ def load_eraser(eraser_dir):
         with open(os.path.join(eraser_dir, "eraser.json")) as f:
             meta = json.load(f)
         weights = load_file(os.path.join(eraser_dir, "eraser.safetensors"))
-    except (OSError, ValueError, RuntimeError) as e:  # missing, truncated or not safetensors/json
+    except Exception as e:  # missing, truncated, not safetensors or not json
         raise UserError(f"cannot read the eraser in '{eraser_dir}' ({str(e).splitlines()[0][:160]}); "
                         "train it again with unlearn.py")
     return weights, meta
@@ -580,7 +683,7 @@ def apply_eraser(pipe, eraser_dir):
 
 
 def check_output_dir(args):
-    if os.path.exists(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
+    if os.path.exists(args.output_dir) and os.listdir(args.output_dir) and not (args.overwrite or args.resume):
         raise UserError(f"--output-dir {args.output_dir} already holds files; pass --overwrite or choose another")
 
 
@@ -615,13 +718,13 @@ def main(argv=None):
     print(f"# 3. Encoded {3 * len(prompts) + 1} prompts; freed the text encoder and the VAE")
 
     # 4-8. x_t, teacher velocities, concept masks, losses and the training loop
-    erasers, history = train(args, pipe, embeds, tokens)
+    def checkpoint(r, steps_done, history):  # the partial eraser too, usable (with a warning) meanwhile
+        save_checkpoint(r, steps_done, history)
+        save_eraser(args.output_dir, r.erasers, eraser_meta(args, pipe.transformer, steps_done, history, prompts))
+    erasers, history = train(args, pipe, embeds, tokens, checkpoint=checkpoint)
 
     # 9. Save the eraser
-    meta = dict(vars(args), model=args.model, base_config=model_fingerprint(pipe.transformer),
-                steps_done=args.steps, final=True, num_prompts_built=len(prompts), example_prompts=prompts[:5],
-                final_losses={k: v[-1] for k, v in history.items() if v})
-    save_eraser(args.output_dir, erasers, meta)
+    save_eraser(args.output_dir, erasers, eraser_meta(args, pipe.transformer, args.steps, history, prompts))
     print(f"# 9. Saved the eraser to {args.output_dir}/eraser.safetensors "
           f"({sum(p.numel() for p in erasers.parameters()) / 1e6:.2f} M parameters)")
 
@@ -632,3 +735,6 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
