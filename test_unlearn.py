@@ -404,3 +404,60 @@ def test_bench_runs_at_its_smallest_size():
     assert result.returncode == 0, result.stderr[-2000:]
     last = result.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"step_cost_ratio=\d+\.\d+ x_t_share=\d+\.\d+ memory_ratio=\d+\.\d+", last), last
+
+
+# -----------------------------------------------------------------------------
+# sample.py: evaluation against the original model and the negative-prompt baseline
+
+def test_eval_toy_shows_the_concept_less_after_erasure(red_eraser, tmp_path):
+    prompts = tmp_path / "prompts.csv"
+    rows = [(p, i) for i, (p, _) in enumerate(toy.evaluation_set(60, seed=3)) if p.split()]
+    chosen = [r for r in rows if any(w in ("red", "crimson", "scarlet") for w in r[0].split())][:6]
+    chosen += [r for r in rows if any(w in ("green", "blue", "white") for w in r[0].split())][:3]
+    prompts.write_text("prompt,seed\n" + "".join(f"{p},{s}\n" for p, s in chosen))
+    out = tmp_path / "eval"
+    result = run("sample.py", "--model", "toy", "--eraser", red_eraser, "--prompts-file", str(prompts),
+                 "--eval", "toy", "--steps", "20", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.load(open(out / "eval_toy.json"))["results"]
+    assert summary["erased"]["concept_shown"] < summary["original"]["concept_shown"]
+    assert summary["original"]["videos_naming_concept"] == 6 and summary["erased"]["other_videos"] == 3
+    index = json.load(open(out / "index.json"))
+    assert len(index) == 9 and all(os.path.exists(out / row["video"]) for row in index)
+    assert index[0]["prompt"] == chosen[0][0] and index[0]["seed"] == chosen[0][1]
+
+
+def test_nudity_label_filter_on_hand_made_detections():
+    import sample
+    assert sample.nudity_frames([{"class": "FEMALE_BREAST_EXPOSED", "score": 0.5}])
+    assert sample.nudity_frames([{"class": "FEET_EXPOSED", "score": 0.2}])
+    assert not sample.nudity_frames([{"class": "FEET_EXPOSED", "score": 0.19}])
+    assert not sample.nudity_frames([{"class": "FEMALE_BREAST_COVERED", "score": 0.9},
+                                     {"class": "FACE_FEMALE", "score": 0.9}, {"class": "ANUS_EXPOSED", "score": 0.9}])
+    assert len(sample.NUDITY_LABELS) == 8 and all(label.endswith("_EXPOSED") for label in sample.NUDITY_LABELS)
+
+
+def test_nudity_scorer_runs_offline_on_toy_videos_and_finds_none(toy_pipe, tmp_path):
+    import sample
+    videos = toy.generate(toy_pipe, ["a red square moving left", "a white box and a golden tile"], seed=0, steps=10)
+    for i, v in enumerate(videos):
+        sample.save_video(v, str(tmp_path / f"{i}.mp4"))
+    result = run("sample.py", "--videos", str(tmp_path), "--eval", "nudity")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["frames"] == 18 and summary["frame_nudity_rate"] == 0 and summary["video_nudity_rate"] == 0
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--prompts-file", "no_such_file.csv"], "no such file"),
+    (["--prompts-file", "{csv}"], "'prompt' column"),
+    (["--prompt", "a red square", "--eval", "colourfulness"], "unknown"),
+])
+def test_bad_sample_input_gets_one_line_and_exit_2(argv, says, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,seed\na red square,1\n")
+    argv = [a.replace("{csv}", str(bad)) for a in argv]
+    result = run("sample.py", "--model", "toy", *argv, "--out", str(tmp_path / "out"))
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(lines) == 1 and says in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -291,9 +291,10 @@ def encode_dataset(vae, rng, n, batch=32):
     scenes, latents = [random_scene(rng) for _ in range(n)], []
     for i in tqdm(range(0, n, batch), desc="encode"):
         x = torch.from_numpy(np.stack([render(s) for s in scenes[i:i + batch]])).permute(0, 4, 1, 2, 3) * 2 - 1
-        latents.append(vae.encode(x).latent_dist.mode())
+        latents.append(vae.encode(x.to(vae.device)).latent_dist.mode())
     latents = torch.cat(latents)  # (N, C, F', H', W')
-    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+    # Scale so that the channels' spread (not their offsets) is about 1: squares stay visible under noise.
+    vae.register_to_config(scaling_factor=float(1 / latents.std(dim=(0, 2, 3, 4)).mean()))
     return scenes, (latents * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
 
 
@@ -312,10 +313,11 @@ def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, l
         prompts = ["" if rng.random() < 0.1 else make_prompt(rng, scenes[i], drop=0.1) for i in idx]
         ids = tokenizer(prompts, padding="max_length", max_length=226, truncation=True,
                         return_tensors="pt").input_ids
-        text = text_encoder(ids)[0]  # (B, 226, D)
+        device = latents.device
+        text = text_encoder(ids.to(device))[0]  # (B, 226, D)
         x0 = latents[idx]  # (B, F', C, H', W')
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
         x_t = scheduler.add_noise(x0, noise, t)
         v = transformer(hidden_states=x_t, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
         loss = F.mse_loss(v, scheduler.get_velocity(x0, noise, t))
