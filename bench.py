@@ -117,9 +117,10 @@ def measure(size, frames, height, width, device, phase, repeats, extra):
 
     idx = torch.arange(args.batch_size, device=device)
     x_t, t = r.xt.draw(idx)  # latents like those a step trains on, made outside the floor's timing
+    pre = (x_t, t, r.pre[idx])
 
     def floor():
-        v, v_pre = unlearn.student_pass(r.transformer, r.state, x_t, t, r.cond[idx], r.pre[idx], r.rotary)
+        v, v_pre = unlearn.student_pass(r.transformer, r.state, x_t, t, r.cond[idx], r.rotary, pre)
         (v.float().pow(2).mean() + v_pre.float().pow(2).mean()).backward()
         r.opt.zero_grad(set_to_none=True)
 

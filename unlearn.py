@@ -446,27 +446,32 @@ def set_erasers(transformer, enabled):
 
 # 5. Teacher velocities: the same network with the erasers off; one batched, no-grad pass
 @torch.no_grad()
-def teacher_pass(transformer, state, x_t, t, cond, anchor, pre, tokens, rotary):
-    """v*(x_t, c), v*(x_t, anchor), v*(x_t, c_pre) and each block's concept attention for c."""
-    x_pre = [x_t] if pre is not None else []
-    embeds = torch.cat([cond, anchor] + ([pre] if pre is not None else []))
+def teacher_pass(transformer, state, x_t, t, cond, anchor, tokens, rotary, pre=None):
+    """v*(x_t, c), v*(x_t, anchor), v*(x_pre, c_pre) and each block's concept attention for c.
+
+    `pre` is (x_pre, t_pre, c_pre): the preservation prompts at their own noisy latents, or None.
+    """
+    xs, ts, embeds = [x_t, x_t], [t, t], [cond, anchor]
+    if pre is not None:
+        xs, ts, embeds = xs + [pre[0]], ts + [pre[1]], embeds + [pre[2]]
     state.enabled, state.tokens = False, tokens
     try:
-        v = transformer(hidden_states=torch.cat([x_t, x_t] + x_pre), encoder_hidden_states=embeds,
-                        timestep=t.repeat(len(embeds) // len(t)), image_rotary_emb=rotary, return_dict=False)[0]
+        v = transformer(hidden_states=torch.cat(xs), encoder_hidden_states=torch.cat(embeds), timestep=torch.cat(ts),
+                        image_rotary_emb=rotary, return_dict=False)[0]
     finally:
         state.enabled, state.tokens = True, None
     v_cond, v_anchor, *v_pre = v.split(len(x_t))
     return v_cond, v_anchor, (v_pre[0] if v_pre else None), [p.attention for p in processors(transformer)]
 
 
-def student_pass(transformer, state, x_t, t, cond, pre, rotary):
-    """v'(x_t, c) and v'(x_t, c_pre) with gradients to the erasers; records their inputs for L_loc."""
-    x = torch.cat([x_t, x_t]) if pre is not None else x_t
-    embeds = torch.cat([cond, pre]) if pre is not None else cond
+def student_pass(transformer, state, x_t, t, cond, rotary, pre=None):
+    """v'(x_t, c) and v'(x_pre, c_pre) with gradients to the erasers; records their inputs for L_loc."""
+    xs, ts, embeds = [x_t], [t], [cond]
+    if pre is not None:
+        xs, ts, embeds = xs + [pre[0]], ts + [pre[1]], embeds + [pre[2]]
     state.record_rows = len(x_t)
     try:
-        v = transformer(hidden_states=x, encoder_hidden_states=embeds, timestep=t.repeat(len(x) // len(t)),
+        v = transformer(hidden_states=torch.cat(xs), encoder_hidden_states=torch.cat(embeds), timestep=torch.cat(ts),
                         image_rotary_emb=rotary, return_dict=False)[0]
     finally:
         state.record_rows = 0
@@ -526,18 +531,19 @@ def unlearning_step(r, timer=no_timer):
     idx = torch.randint(0, len(r.cond), (args.batch_size,), generator=r.gen, device=r.gen.device)
     with timer("x_t"):
         x_t, t = r.xt.draw(idx)
+        # Preservation at the same x_t (METHOD.md Eq. of L_pre). Measured on the toy, c_pre at its own
+        # trajectories' x_t erased red in two-square scenes far less (50 % against 92 %): README, "Choices".
+        pre = (x_t, t, r.pre[idx]) if use_pre else None  # (x_pre, t_pre, c_pre)
     with timer("teacher and masks"):
         # 5. Teacher velocities and the negatively guided target (Eq. 1)
         v_cond, v_anchor, v_pre, attention = teacher_pass(
-            r.transformer, r.state, x_t, t, r.cond[idx], r.anchor[idx], r.pre[idx] if use_pre else None,
-            r.tokens[idx], r.rotary)
+            r.transformer, r.state, x_t, t, r.cond[idx], r.anchor[idx], r.tokens[idx], r.rotary, pre)
         target = negative_guidance_target(v_cond, v_anchor, args.eta)
         # 6. Concept masks from the teacher's attention
         masks = [concept_mask(a, r.grid, args.mask_threshold, r.has_concept[idx]) for a in attention]
     with timer("student forward and backward"):
         # 7. Losses: L = L_unlearn + alpha * L_loc + beta * L_pre
-        v_student, v_student_pre = student_pass(r.transformer, r.state, x_t, t, r.cond[idx],
-                                                r.pre[idx] if use_pre else None, r.rotary)
+        v_student, v_student_pre = student_pass(r.transformer, r.state, x_t, t, r.cond[idx], r.rotary, pre)
         loss_unlearn = unlearn_loss(v_student, target)
         loss_loc = torch.stack([localization_loss(p.eraser(p.eraser_input.float()), m)
                                 for p, m in zip(processors(r.transformer), masks)]).mean()
@@ -600,6 +606,7 @@ def save_checkpoint(r, steps_done, history):
     state = dict(erasers=r.erasers.state_dict(), optimizer=r.opt.state_dict(), step=steps_done, history=history,
                  generator=r.gen.get_state(), torch_rng=torch.get_rng_state(),
                  settings={k: getattr(r.args, k) for k in RESULT_SETTINGS})
+    os.makedirs(r.args.output_dir, exist_ok=True)
     write_atomic(os.path.join(r.args.output_dir, "checkpoint.pt"), lambda p: torch.save(state, p))
 
 
