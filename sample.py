@@ -24,13 +24,12 @@ import glob
 import json
 import os
 import re
-import sys
 import warnings
 
 import numpy as np
 import torch
 
-from unlearn import UserError, apply_eraser, load_base_pipeline, set_erasers
+from unlearn import UserError, apply_eraser, load_base_pipeline, run_cli, set_erasers
 
 NUDITY_LABELS = ("ARMPITS_EXPOSED", "BELLY_EXPOSED", "FEMALE_BREAST_EXPOSED", "MALE_BREAST_EXPOSED",
                  "BUTTOCKS_EXPOSED", "FEET_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED")
@@ -239,8 +238,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 
@@ -344,7 +345,6 @@ def steps_done(out):
 
 def start_and_stop(out, sig, after, steps=200):
     """Start a run, send `sig` once it has checkpointed `after` steps; returns the process, finished."""
-    import signal
     import time
     proc = subprocess.Popen([sys.executable, *QUICK, "--steps", str(steps), "--checkpoint-every", "5",
                              "--output-dir", str(out)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -359,7 +359,6 @@ def start_and_stop(out, sig, after, steps=200):
 
 
 def test_killed_run_resumed_equals_uninterrupted_run(tmp_path):
-    import signal
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert run(*QUICK, "--steps", "60", "--checkpoint-every", "5", "--output-dir", str(full)).returncode == 0
     start_and_stop(killed, signal.SIGKILL, after=10, steps=60)
@@ -373,7 +372,6 @@ def test_killed_run_resumed_equals_uninterrupted_run(tmp_path):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
-    import signal
     out = tmp_path / "run"
     proc = start_and_stop(out, signal.SIGINT, after=5)
     assert proc.returncode == 130 and "--resume" in proc.stderr_text and "Traceback" not in proc.stderr_text

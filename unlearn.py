@@ -736,7 +736,8 @@ def main(argv=None):
           f"({sum(p.numel() for p in erasers.parameters()) / 1e6:.2f} M parameters)")
 
 
-if __name__ == "__main__":
+def run_cli(main):
+    """A command line's main: a user's mistake is one line and exit code 2; Ctrl-C says how to resume."""
     try:
         main()
     except UserError as e:
@@ -745,3 +746,7 @@ if __name__ == "__main__":
     except Interrupted as e:
         print(e, file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    run_cli(main)
