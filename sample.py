@@ -54,12 +54,12 @@ def generate(pipe, prompt, seed, steps, guidance, negative_prompt=None):
 
 
 def side_by_side(videos, labels):
-    """Videos (F, H, W, 3) next to each other, each under a label: (F, H + 14, W * n, 3)."""
+    """Videos (F, H, W, 3) next to each other, each under a label: (F, H + 16, W * n, 3)."""
     from PIL import Image, ImageDraw
     frames, h, w, _ = videos[0].shape
-    im = Image.new("RGB", (w * len(videos), 14))
+    im = Image.new("RGB", (w * len(videos), 16))  # 16: video codecs want sizes in multiples of 16
     for i, label in enumerate(labels):
-        ImageDraw.Draw(im).text((i * w + 2, 1), label, fill=(255, 255, 255))
+        ImageDraw.Draw(im).text((i * w + 2, 2), label, fill=(255, 255, 255))
     strip = np.asarray(im, dtype=np.float32) / 255
     return np.stack([np.concatenate([strip, np.concatenate([v[f] for v in videos], axis=1)]) for f in range(frames)])
 

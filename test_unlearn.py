@@ -326,7 +326,7 @@ def test_sample_compare_writes_a_playable_video_with_both_halves(red_eraser, tmp
     path = result.stdout.split("wrote ")[-1].strip()
     frames = iio.imread(path)  # (F, H, W, 3)
     assert frames.shape[0] == 9 and frames.shape[2] >= 128
-    left, right = toy.describe(frames[:, 14:, :64]), toy.describe(frames[:, 14:, 64:128])
+    left, right = toy.describe(frames[:, 16:, :64]), toy.describe(frames[:, 16:, 64:128])
     assert any(s["colour"] == "red" for s in left) and not any(s["colour"] == "red" for s in right)
 
 
