@@ -14,19 +14,21 @@ No weights are needed: the model and the text embeddings are random.
 The last line printed is
     step_cost_ratio=<(b)/(a)> x_t_share=<share of (b) making x_t> memory_ratio=<peak unlearning / peak sampling>
 Memory on a GPU is torch.cuda.max_memory_allocated; on a CPU it is the growth of the
-process's peak resident memory over what it held before the model was built, each phase
-in a fresh process.
+process's peak resident memory over what it held before the model was built (after the
+imports), each phase in a fresh process whose allocator returns freed tensors at once.
 """
 
 import argparse
 import contextlib
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
 
 import torch
+from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 
 import unlearn
 
@@ -42,7 +44,6 @@ SIZES = {  # name: transformer config, frames, height, width
 
 def random_pipeline(size, frames, height, width, device, dtype):
     """A CogVideoX pipeline of random weights, with no text encoder and no VAE (not needed to train)."""
-    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
     torch.manual_seed(0)
     with torch.device(device):
         transformer = CogVideoXTransformer3DModel(**SIZES[size][0], sample_frames=frames, sample_height=height // 8,
@@ -95,12 +96,10 @@ def measure(size, frames, height, width, device, phase, repeats, extra):
     if phase == "sample":  # one guided denoising step, as the pipeline does it
         unlearn.resolve_size(pipe, args)
         shape = unlearn.video_shape(pipe, args.num_frames, args.height, args.width)
-        rotary = (pipe._prepare_rotary_positional_embeddings(height, width, shape[0], device)
-                  if pipe.transformer.config.use_rotary_positional_embeddings else None)
         pipe.scheduler.set_timesteps(2, device=device)
         noise = torch.randn(1, *shape, device=device, dtype=dtype)
         unlearn.sample_latents(pipe.transformer, pipe.scheduler, noise, embeds["concept"][:1], embeds["empty"],
-                               rotary, 6.0, steps=1)
+                               unlearn.rotary_embeddings(pipe, shape), 6.0, steps=1)
         sync(device)
         return {"peak": peak_memory(device, base)}
 
@@ -117,11 +116,10 @@ def measure(size, frames, height, width, device, phase, repeats, extra):
 
     idx = torch.arange(args.batch_size, device=device)
     x_t, t = r.xt.draw(idx)  # latents like those a step trains on, made outside the floor's timing
-    pre = (x_t, t, r.pre[idx])
 
-    def floor():
-        v, v_pre = unlearn.student_pass(r.transformer, r.state, x_t, t, r.cond[idx], r.rotary, pre)
-        (v.float().pow(2).mean() + v_pre.float().pow(2).mean()).backward()
+    def floor():  # backpropagated as the step does: the concept's rows, then the preservation rows
+        for embeds in (r.cond[idx], r.pre[idx]):
+            unlearn.student_pass(r.transformer, r.state, x_t, t, embeds, r.rotary).float().pow(2).mean().backward()
         r.opt.zero_grad(set_to_none=True)
 
     for i in range(repeats + 1):  # the first round warms up and is not counted
@@ -141,7 +139,10 @@ def measure(size, frames, height, width, device, phase, repeats, extra):
 
 def in_child(*argv):
     """Run one phase in a fresh process, so that its peak memory is its own."""
-    out = subprocess.run([sys.executable, __file__, "--phase", *argv], capture_output=True, text=True)
+    # glibc hands freed blocks of 64 KiB and more back at once: the resident set then follows the
+    # tensors alive, as torch.cuda.max_memory_allocated does on a GPU, not what the allocator kept.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, __file__, "--phase", *argv], capture_output=True, text=True, env=env)
     if out.returncode:
         sys.exit(f"the phase {' '.join(argv)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -138,6 +138,14 @@ def video_shape(pipe, num_frames, height, width):
     return frames, cfg.in_channels, height // s, width // s
 
 
+def rotary_embeddings(pipe, shape):
+    """RoPE's (cos, sin) for latents of `shape`, as the pipeline makes them; None for sin-cos models (2B)."""
+    if not pipe.transformer.config.use_rotary_positional_embeddings:
+        return None
+    s = pipe.vae_scale_factor_spatial
+    return pipe._prepare_rotary_positional_embeddings(shape[2] * s, shape[3] * s, shape[0], pipe.transformer.device)
+
+
 # -----------------------------------------------------------------------------
 # 2. Build augmented prompts that carry the concept
 
@@ -296,14 +304,14 @@ class NoisyLatents:
     pool's finished samples to a random timestep: cheaper still, but not the sampler's path.
     """
 
-    def __init__(self, kind, transformer, scheduler, embeds, uncond, rotary, shape, guidance, steps, gen, batch=8):
+    def __init__(self, kind, transformer, scheduler, embeds, uncond, rotary, shape, guidance, steps, gen):
         self.kind, self.transformer, self.scheduler = kind, transformer, scheduler
         self.embeds, self.uncond, self.rotary, self.shape, self.guidance, self.gen = \
             embeds, uncond, rotary, shape, guidance, gen
         scheduler.set_timesteps(steps, device=embeds.device)
         self.pool = None
-        if kind != "sample":
-            chunks = [self._sample(idx) for idx in tqdm(torch.arange(len(embeds)).split(batch), desc="x_t pool")]
+        if kind != "sample":  # one prompt at a time: no more memory than sampling the model
+            chunks = [self._sample(i[None]) for i in tqdm(torch.arange(len(embeds)), desc="x_t pool")]
             self.pool = torch.cat(chunks, dim=1)  # (N + 1, P, F', C, H', W')
 
     def _sample(self, idx, steps=None):
@@ -447,35 +455,29 @@ def set_erasers(transformer, enabled):
 # 5. Teacher velocities: the same network with the erasers off; one batched, no-grad pass
 @torch.no_grad()
 def teacher_pass(transformer, state, x_t, t, cond, anchor, tokens, rotary, pre=None):
-    """v*(x_t, c), v*(x_t, anchor), v*(x_pre, c_pre) and each block's concept attention for c.
+    """v*(x_t, c), v*(x_t, anchor), v*(x_t, c_pre) and each block's concept attention for c.
 
-    `pre` is (x_pre, t_pre, c_pre): the preservation prompts at their own noisy latents, or None.
+    `pre` holds the preservation prompts' embeddings c_pre (read at the same x_t), or is None.
     """
-    xs, ts, embeds = [x_t, x_t], [t, t], [cond, anchor]
-    if pre is not None:
-        xs, ts, embeds = xs + [pre[0]], ts + [pre[1]], embeds + [pre[2]]
+    embeds = [cond, anchor] + ([pre] if pre is not None else [])
     state.enabled, state.tokens = False, tokens
     try:
-        v = transformer(hidden_states=torch.cat(xs), encoder_hidden_states=torch.cat(embeds), timestep=torch.cat(ts),
-                        image_rotary_emb=rotary, return_dict=False)[0]
+        v = transformer(hidden_states=x_t.repeat(len(embeds), 1, 1, 1, 1), encoder_hidden_states=torch.cat(embeds),
+                        timestep=t.repeat(len(embeds)), image_rotary_emb=rotary, return_dict=False)[0]
     finally:
         state.enabled, state.tokens = True, None
     v_cond, v_anchor, *v_pre = v.split(len(x_t))
     return v_cond, v_anchor, (v_pre[0] if v_pre else None), [p.attention for p in processors(transformer)]
 
 
-def student_pass(transformer, state, x_t, t, cond, rotary, pre=None):
-    """v'(x_t, c) and v'(x_pre, c_pre) with gradients to the erasers; records their inputs for L_loc."""
-    xs, ts, embeds = [x_t], [t], [cond]
-    if pre is not None:
-        xs, ts, embeds = xs + [pre[0]], ts + [pre[1]], embeds + [pre[2]]
-    state.record_rows = len(x_t)
+def student_pass(transformer, state, x_t, t, embeds, rotary, record=False):
+    """v'(x_t, embeds) with gradients to the erasers; `record`: keep the erasers' inputs for L_loc."""
+    state.record_rows = len(x_t) if record else 0
     try:
-        v = transformer(hidden_states=torch.cat(xs), encoder_hidden_states=torch.cat(embeds), timestep=torch.cat(ts),
-                        image_rotary_emb=rotary, return_dict=False)[0]
+        return transformer(hidden_states=x_t, encoder_hidden_states=embeds, timestep=t, image_rotary_emb=rotary,
+                           return_dict=False)[0]
     finally:
         state.record_rows = 0
-    return v.split(len(x_t)) if pre is not None else (v, None)
 
 
 def token_grid(transformer, shape):
@@ -500,9 +502,7 @@ def setup_training(args, pipe, embeds, tokens, log=print):
     r.cond, r.anchor, r.pre = embeds["concept"], embeds["anchor"], embeds["preserve"]
     resolve_size(pipe, args)
     shape = video_shape(pipe, args.num_frames, args.height, args.width)
-    r.rotary = (pipe._prepare_rotary_positional_embeddings(shape[2] * pipe.vae_scale_factor_spatial,
-                                                           shape[3] * pipe.vae_scale_factor_spatial, shape[0], device)
-                if r.transformer.config.use_rotary_positional_embeddings else None)
+    r.rotary = rotary_embeddings(pipe, shape)
     r.grid = token_grid(r.transformer, shape)
     torch.manual_seed(args.seed)
     r.gen = torch.Generator(device).manual_seed(args.seed)
@@ -531,26 +531,29 @@ def unlearning_step(r, timer=no_timer):
     idx = torch.randint(0, len(r.cond), (args.batch_size,), generator=r.gen, device=r.gen.device)
     with timer("x_t"):
         x_t, t = r.xt.draw(idx)
-        # Preservation at the same x_t (METHOD.md Eq. of L_pre). Measured on the toy, c_pre at its own
-        # trajectories' x_t erased red in two-square scenes far less (50 % against 92 %): README, "Choices".
-        pre = (x_t, t, r.pre[idx]) if use_pre else None  # (x_pre, t_pre, c_pre)
+    # Preservation at the same x_t (METHOD.md's L_pre). Measured on the toy, c_pre at its own
+    # trajectories' x_t erased red in two-square scenes far less (50 % against 92 %): README, "Choices".
+    c_pre = r.pre[idx] if use_pre else None
     with timer("teacher and masks"):
         # 5. Teacher velocities and the negatively guided target (Eq. 1)
         v_cond, v_anchor, v_pre, attention = teacher_pass(
-            r.transformer, r.state, x_t, t, r.cond[idx], r.anchor[idx], r.tokens[idx], r.rotary, pre)
+            r.transformer, r.state, x_t, t, r.cond[idx], r.anchor[idx], r.tokens[idx], r.rotary, c_pre)
         target = negative_guidance_target(v_cond, v_anchor, args.eta)
         # 6. Concept masks from the teacher's attention
         masks = [concept_mask(a, r.grid, args.mask_threshold, r.has_concept[idx]) for a in attention]
     with timer("student forward and backward"):
-        # 7. Losses: L = L_unlearn + alpha * L_loc + beta * L_pre
-        v_student, v_student_pre = student_pass(r.transformer, r.state, x_t, t, r.cond[idx], r.rotary, pre)
+        # 7. Losses: L = L_unlearn + alpha * L_loc + beta * L_pre. Backpropagated in two halves, the
+        # concept's rows then the preservation rows: the same gradient, half the activations alive at once.
+        r.opt.zero_grad(set_to_none=True)
+        v_student = student_pass(r.transformer, r.state, x_t, t, r.cond[idx], r.rotary, record=True)
         loss_unlearn = unlearn_loss(v_student, target)
         loss_loc = torch.stack([localization_loss(p.eraser(p.eraser_input.float()), m)
                                 for p, m in zip(processors(r.transformer), masks)]).mean()
-        loss_pre = preservation_loss(v_student_pre, v_pre) if use_pre else torch.zeros_like(loss_loc)
-        loss = loss_unlearn + args.loc_weight * loss_loc + args.pres_weight * loss_pre
-        r.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss_unlearn + args.loc_weight * loss_loc).backward()
+        loss_pre = torch.zeros_like(loss_loc)
+        if use_pre:
+            loss_pre = preservation_loss(student_pass(r.transformer, r.state, x_t, t, c_pre, r.rotary), v_pre)
+            (args.pres_weight * loss_pre).backward()
     with timer("optimizer"):
         r.opt.step()
     return dict(unlearn=loss_unlearn.item(), loc=loss_loc.item(), pre=loss_pre.item())  # a GPU-CPU sync
