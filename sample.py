@@ -46,11 +46,17 @@ def load_pipeline(model, eraser=None, device=None):
     return pipe
 
 
-def generate(pipe, prompt, seed, steps, guidance, negative_prompt=None):
-    """One video, (F, H, W, 3) floats in [0, 1]."""
-    gen = torch.Generator().manual_seed(seed)
-    return pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                generator=gen, output_type="np").frames[0]
+def generate(pipe, prompts, seed=0, steps=20, batch=16, **kwargs):
+    """Videos for prompts, in batches, the batch from prompt i seeded seed + i: list of (F, H, W, 3) in [0, 1].
+
+    `kwargs` go to the pipeline, e.g. guidance_scale=6 or negative_prompt="red".
+    """
+    videos = []
+    for i in range(0, len(prompts), batch):
+        gen = torch.Generator().manual_seed(seed + i)
+        out = pipe(prompts[i:i + batch], num_inference_steps=steps, generator=gen, output_type="np", **kwargs)
+        videos.extend(out.frames)
+    return videos
 
 
 def side_by_side(videos, labels):
@@ -206,7 +212,8 @@ def main(argv=None):
         for name, erasers_on, neg in runs:
             if args.eraser:
                 set_erasers(pipe.transformer, erasers_on)
-            made[name] = generate(pipe, prompt, seed, args.steps, args.guidance, neg)
+            made[name] = generate(pipe, [prompt], seed, args.steps, guidance_scale=args.guidance,
+                                      negative_prompt=neg)[0]
             videos[name].append((prompt, made[name]))
         names = [n for n, _, _ in runs if n != "negative prompt"]
         video = side_by_side([made[n] for n in names], names) if len(names) > 1 else made[names[0]]

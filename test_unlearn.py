@@ -18,7 +18,7 @@ import torch
 
 import toy
 import unlearn
-from sample import load_pipeline
+from sample import generate, load_pipeline
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -97,8 +97,8 @@ def test_toy_model_draws_the_prompted_colours(toy_quality):
     assert colour >= 0.9 and both >= 0.8, toy_quality
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue #2): the toy keeps a square's colour across frames but "
-                                       "not its place, so it does not draw the prompted direction")
+@pytest.mark.xfail(strict=True, reason="known gap (issue #2): the toy ignores the direction words; "
+                                       "the noise, not the prompt, decides where a square goes")
 def test_toy_model_moves_squares_as_prompted(toy_quality):
     assert list(toy_quality.values())[1] >= 0.8, toy_quality
 
@@ -221,7 +221,8 @@ def test_one_step_changes_only_eraser_weights_and_preservation_starts_at_zero(ti
     after = pipe.transformer.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(e.up.weight.abs().sum() > 0 for e in erasers)  # the erasers did learn
-    assert history["pre"][0] == 0 and history["loc"][0] == 0  # zero erasers change nothing yet
+    # Zero erasers change nothing yet (pre: teacher and student batch rows differently, so to fp32 round-off)
+    assert history["pre"][0] < 1e-10 and history["loc"][0] == 0
     assert history["unlearn"][0] > 0
 
 
@@ -255,8 +256,8 @@ def test_save_then_load_gives_identical_erasers_and_videos(red_eraser, tmp_path)
     again, _ = unlearn.load_eraser(tmp_path)
     assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
     pipe2 = load_pipeline("toy", eraser=str(tmp_path))
-    a = toy.generate(pipe, ["a red square moving left"], seed=3, steps=5)[0]
-    b = toy.generate(pipe2, ["a red square moving left"], seed=3, steps=5)[0]
+    a = generate(pipe, ["a red square moving left"], seed=3, steps=5)[0]
+    b = generate(pipe2, ["a red square moving left"], seed=3, steps=5)[0]
     assert np.array_equal(a, b)
 
 
@@ -459,7 +460,7 @@ def test_nudity_label_filter_on_hand_made_detections():
 
 def test_nudity_scorer_runs_offline_on_toy_videos_and_finds_none(toy_pipe, tmp_path):
     import sample
-    videos = toy.generate(toy_pipe, ["a red square moving left", "a white box and a golden tile"], seed=0, steps=10)
+    videos = generate(toy_pipe, ["a red square moving left", "a white box and a golden tile"], seed=0, steps=10)
     for i, v in enumerate(videos):
         sample.save_video(v, str(tmp_path / f"{i}.mp4"))
     result = run("sample.py", "--videos", str(tmp_path), "--eval", "nudity")

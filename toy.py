@@ -332,13 +332,6 @@ def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, l
 # -----------------------------------------------------------------------------
 # 5. How good the toy model is: judged on held-out phrasings
 
-def load_toy(path=TOY_DIR):
-    from diffusers import CogVideoXPipeline
-    pipe = CogVideoXPipeline.from_pretrained(path)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def evaluation_set(n, seed=0, num_squares=1):
     """(prompt, scene) pairs in held-out phrasings, cycling through every colour word and direction."""
     rng = random.Random(seed)
@@ -354,18 +347,9 @@ def evaluation_set(n, seed=0, num_squares=1):
     return pairs
 
 
-def generate(pipe, prompts, seed=0, steps=20, batch=16, **kwargs):
-    """Videos for prompts, in batches, seeded: list of (F, H, W, 3) arrays in [0, 1]."""
-    videos = []
-    for i in range(0, len(prompts), batch):
-        gen = torch.Generator().manual_seed(seed + i)
-        out = pipe(prompts[i:i + batch], num_inference_steps=steps, generator=gen, output_type="np", **kwargs)
-        videos.extend(out.frames)
-    return videos
-
-
 def quality(pipe, n_single=48, n_double=24, seed=0):
     """The toy model's quality table: the shares that issue #2 asks for, on held-out phrasings."""
+    from sample import generate
     single = evaluation_set(n_single, seed, 1)
     double = evaluation_set(n_double, seed + 1, 2)
     seen = [describe(v) for v in generate(pipe, [p for p, _ in single + double], seed)]
@@ -386,6 +370,7 @@ def erasure_report(pipe, colour, n=24, seed=0, **kwargs):
     naming it show it as the main colour; two: 'a <colour> ... and a <other> ...' prompts.
     `kwargs` go to the pipeline, e.g. negative_prompt="red" for the negative-prompt baseline.
     """
+    from sample import generate
     rng = random.Random(seed)
     others = [c for c in PALETTE if c != colour]
     synonyms = SYNONYMS[colour][1:] or SYNONYMS[colour]
@@ -453,7 +438,8 @@ def main():
                                  transformer=transformer, scheduler=scheduler)
         pipe.save_pretrained(args.out)
         print(f"Saved the toy pipeline to {args.out} after {(time.time() - start) / 60:.1f} min")
-    pipe = load_toy(args.out)
+    from unlearn import load_base_pipeline
+    pipe = load_base_pipeline(args.out)
     n_double = args.n_eval // 2
     print_quality(quality(pipe, args.n_eval, n_double), args.n_eval, n_double)
 
