@@ -5,6 +5,7 @@ the original model's own videos, the toy judge reading rendered squares.
 """
 
 import json
+import math
 import os
 import random
 import re
@@ -136,39 +137,43 @@ def test_concept_tokens_found_and_unknown_concept_refused(toy_pipe):
 
 
 # -----------------------------------------------------------------------------
-# Tiny random CogVideoX pipelines: 2B-like (sin-cos) and 5B-like (RoPE)
+# Tiny random CogVideoX pipelines: 2B-like (sin-cos), 5B-like (RoPE), 1.5-like (RoPE, 2 latent frames a patch)
 
-def tiny_pipeline(rope):
+TINY = {"sincos-2B-like": dict(use_rotary_positional_embeddings=False),
+        "rope-5B-like": dict(use_rotary_positional_embeddings=True),
+        "rope-1.5-like": dict(use_rotary_positional_embeddings=True, patch_size_t=2, patch_bias=False)}
+
+
+def tiny_pipeline(kind):
     from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
     torch.manual_seed(0)
     tokenizer, text_encoder, vae, _, scheduler = toy.build_parts()
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16, time_embed_dim=32,
         text_embed_dim=toy.TEXT_DIM, num_layers=2, sample_width=8, sample_height=8, sample_frames=9,
-        patch_size=2, max_text_seq_length=226, use_rotary_positional_embeddings=rope)
+        patch_size=2, max_text_seq_length=226, **TINY[kind])
     for p in transformer.proj_out.parameters():  # a random model whose output depends on its input
         torch.nn.init.normal_(p, std=0.5)
-    if rope:
-        scheduler.register_to_config(snr_shift_scale=1.0)
+    if transformer.config.use_rotary_positional_embeddings:
+        scheduler.register_to_config(snr_shift_scale=1.0)  # as CogVideoX-5B's
     return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                              scheduler=scheduler)
 
 
-@pytest.fixture(scope="session", params=[False, True], ids=["sincos-2B-like", "rope-5B-like"])
+@pytest.fixture(scope="session", params=list(TINY))
 def tiny_dir(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp("rope" if request.param else "sincos")
+    path = tmp_path_factory.mktemp(request.param)
     tiny_pipeline(request.param).save_pretrained(path)
     return str(path)
 
 
 def transformer_inputs(pipe, batch=2):
+    shape = unlearn.video_shape(pipe, 9, 64, 64)  # (3 or, padded for 1.5, 4 latent frames, 16, 8, 8)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, 16, 8, 8, generator=g)
+    x = torch.randn(batch, *shape, generator=g)
     text = torch.randn(batch, 226, toy.TEXT_DIM, generator=g)
-    rotary = (pipe._prepare_rotary_positional_embeddings(64, 64, 3, "cpu")
-              if pipe.transformer.config.use_rotary_positional_embeddings else None)
     return dict(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([999, 500]),
-                image_rotary_emb=rotary, return_dict=False)
+                image_rotary_emb=unlearn.rotary_embeddings(pipe, shape), return_dict=False)
 
 
 def test_processor_with_erasers_off_is_the_stock_processor_bit_for_bit(tiny_dir):
@@ -191,7 +196,8 @@ def test_concept_attention_equals_softmax_over_text_keys(tiny_dir):
     pipe = unlearn.load_base_pipeline(tiny_dir, "cpu")
     attn = pipe.transformer.transformer_blocks[0].attn1
     inputs = transformer_inputs(pipe)
-    video, text = torch.randn(2, 48, 32), torch.randn(2, 226, 32)
+    n = math.prod(unlearn.token_grid(pipe.transformer, inputs["hidden_states"].shape[1:]))  # video tokens
+    video, text = torch.randn(2, n, 32), torch.randn(2, 226, 32)
     tokens = torch.zeros(2, 226)
     tokens[:, 3:5] = 1
     got = unlearn.concept_attention(attn, video, text, inputs["image_rotary_emb"], tokens, chunk=7)
@@ -200,7 +206,7 @@ def test_concept_attention_equals_softmax_over_text_keys(tiny_dir):
     if inputs["image_rotary_emb"] is not None:
         from diffusers.models.embeddings import apply_rotary_emb
         q = apply_rotary_emb(q, inputs["image_rotary_emb"])
-    probs = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)  # (B, H, 48, 226)
+    probs = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)  # (B, H, n, 226)
     assert torch.allclose(got, probs[..., 3:5].sum(-1).mean(1), atol=1e-6)
 
 
