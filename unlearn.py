@@ -4,7 +4,7 @@ Erase a concept from a text-to-video model by training a small eraser in every a
 block, so that the model stops drawing it, however the prompt words it, and draws
 everything else as before.
 
-    python unlearn.py --model toy --concept red      # the toy model, about 2 minutes on a CPU
+    python unlearn.py --model toy --concept red      # the toy model, under a minute on a CPU
     python unlearn.py --concept "nudity"             # CogVideoX-2B on one GPU
     python unlearn.py --model THUDM/CogVideoX-5b --concept "nudity" --num-frames 17
 
