@@ -219,9 +219,7 @@ def test_one_step_changes_only_eraser_weights_and_preservation_starts_at_zero(ti
     pipe = unlearn.load_base_pipeline(tiny_dir, "cpu")
     args = small_args(tiny_dir, tmp_path, "--steps", "1")
     prompts, anchors, preserved = unlearn.build_prompts(args, random.Random(0))
-    tokens = unlearn.concept_tokens(pipe.tokenizer, prompts, "red", 226)
-    embeds = dict(concept=unlearn.encode_prompts(pipe, prompts), anchor=unlearn.encode_prompts(pipe, anchors),
-                  preserve=unlearn.encode_prompts(pipe, preserved), empty=unlearn.encode_prompts(pipe, [""]))
+    tokens, embeds = unlearn.encode_run_prompts(pipe, "red", prompts, anchors, preserved)
     before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     erasers, history = unlearn.train(args, pipe, embeds, tokens, log=lambda *_: None)
     after = pipe.transformer.state_dict()

@@ -267,6 +267,14 @@ def encode_prompts(pipe, prompts, batch=16):
     return torch.cat(out)
 
 
+def encode_run_prompts(pipe, concept, prompts, anchors, preserved):
+    """Step 3 for a run: where the concept's tokens sit in each prompt, and every prompt's embeddings."""
+    tokens = concept_tokens(pipe.tokenizer, prompts, concept, pipe.transformer.config.max_text_seq_length)
+    embeds = dict(concept=encode_prompts(pipe, prompts), anchor=encode_prompts(pipe, anchors),
+                  preserve=encode_prompts(pipe, preserved), empty=encode_prompts(pipe, [""]))
+    return tokens, embeds
+
+
 def free_text_encoder_and_vae(pipe):
     """Training needs neither: the T5 encoder alone is 9 GB in bf16."""
     pipe.text_encoder, pipe.vae = None, None
@@ -721,10 +729,7 @@ def main(argv=None):
         print(f"     c = {prompts[i]!r}\n       anchor = {anchors[i]!r}, c_pre = {preserved[i]!r}")
 
     # 3. Encode the prompts once, then free the text encoder
-    length = pipe.transformer.config.max_text_seq_length
-    tokens = concept_tokens(pipe.tokenizer, prompts, args.concept, length)
-    embeds = dict(concept=encode_prompts(pipe, prompts), anchor=encode_prompts(pipe, anchors),
-                  preserve=encode_prompts(pipe, preserved), empty=encode_prompts(pipe, [""]))
+    tokens, embeds = encode_run_prompts(pipe, args.concept, prompts, anchors, preserved)
     free_text_encoder_and_vae(pipe)
     print(f"# 3. Encoded {3 * len(prompts) + 1} prompts; freed the text encoder and the VAE")
 
