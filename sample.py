@@ -29,7 +29,7 @@ import warnings
 import numpy as np
 import torch
 
-from unlearn import UserError, apply_eraser, load_base_pipeline, run_cli, set_erasers
+from unlearn import UserError, attach_erasers, load_base_pipeline, model_fingerprint, run_cli, set_erasers
 
 NUDITY_LABELS = ("ARMPITS_EXPOSED", "BELLY_EXPOSED", "FEMALE_BREAST_EXPOSED", "MALE_BREAST_EXPOSED",
                  "BUTTOCKS_EXPOSED", "FEET_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED")
@@ -37,13 +37,42 @@ NUDENET_FLOOR = 0.2  # NudeNet 3.4.2 drops detections under this score itself
 
 
 def load_pipeline(model, eraser=None, device=None):
-    """A CogVideoXPipeline ('toy', a hub id or a folder), with the eraser from `eraser` attached."""
+    """A CogVideoXPipeline ('toy', a hub id or a folder), with the eraser from `eraser` attached.
+
+    The eraser's eraser.json is then `pipe.eraser_meta` (None without an eraser).
+    """
     pipe = load_base_pipeline(model, device)
-    if eraser:
-        meta = apply_eraser(pipe, eraser)
-        if not meta.get("final", True):
-            warnings.warn(f"the eraser in {eraser} is partial: {meta.get('steps_done')} of {meta.get('steps')} steps")
+    pipe.eraser_meta = apply_eraser(pipe, eraser) if eraser else None
+    if eraser and not pipe.eraser_meta.get("final", True):
+        warnings.warn(f"the eraser in {eraser} is partial: "
+                      f"{pipe.eraser_meta.get('steps_done')} of {pipe.eraser_meta.get('steps')} steps")
     return pipe
+
+
+def load_eraser(eraser_dir):
+    """(weights, meta) of a saved eraser; a missing or damaged file is a UserError."""
+    from safetensors.torch import load_file
+    try:
+        with open(os.path.join(eraser_dir, "eraser.json")) as f:
+            meta = json.load(f)
+        weights = load_file(os.path.join(eraser_dir, "eraser.safetensors"))
+    except Exception as e:  # missing, truncated, not safetensors or not json
+        raise UserError(f"cannot read the eraser in '{eraser_dir}' ({str(e).splitlines()[0][:160]}); "
+                        "train it again with unlearn.py")
+    return weights, meta
+
+
+def apply_eraser(pipe, eraser_dir):
+    """Attach a saved eraser to a pipeline's transformer, refusing one made for another model."""
+    weights, meta = load_eraser(eraser_dir)
+    mine = json.loads(json.dumps(model_fingerprint(pipe.transformer), default=str))
+    if meta.get("base_config") != mine:
+        raise UserError(f"the eraser in '{eraser_dir}' was made for another base model ({meta.get('model')}); "
+                        "load it with that model")
+    erasers, _ = attach_erasers(pipe.transformer, meta["rank"], pipe.transformer.device)
+    erasers.load_state_dict(weights)
+    erasers.to(pipe.transformer.device).requires_grad_(False)
+    return meta
 
 
 def generate(pipe, prompts, seed=0, steps=20, batch=16, **kwargs):
@@ -199,8 +228,7 @@ def main(argv=None):
         out += ".mp4"
 
     pipe = load_pipeline(args.model, args.eraser)
-    concept = args.concept or (json.load(open(os.path.join(args.eraser, "eraser.json")))["concept"]
-                               if args.eraser else "")
+    concept = args.concept or (pipe.eraser_meta or {}).get("concept", "")
     negative = args.negative_prompt or concept
     runs = [("erased" if args.eraser else "model", True, None)]
     if args.compare or args.eval:

@@ -19,7 +19,7 @@ import torch
 
 import toy
 import unlearn
-from sample import generate, load_pipeline
+from sample import generate, load_eraser, load_pipeline
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -253,11 +253,11 @@ def red_eraser(tmp_path_factory):
 
 
 def test_save_then_load_gives_identical_erasers_and_videos(red_eraser, tmp_path):
-    weights, meta = unlearn.load_eraser(red_eraser)
+    weights, meta = load_eraser(red_eraser)
     pipe = load_pipeline("toy", eraser=red_eraser)
     erasers = [p.eraser for p in unlearn.processors(pipe.transformer)]
     unlearn.save_eraser(tmp_path, torch.nn.ModuleList(erasers), meta)
-    again, _ = unlearn.load_eraser(tmp_path)
+    again, _ = load_eraser(tmp_path)
     assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
     pipe2 = load_pipeline("toy", eraser=str(tmp_path))
     a = generate(pipe, ["a red square moving left"], seed=3, steps=5)[0]
@@ -370,8 +370,8 @@ def test_killed_run_resumed_equals_uninterrupted_run(tmp_path):
     assert 10 <= steps_done(killed) < 60
     resumed = run(*QUICK, "--steps", "60", "--checkpoint-every", "5", "--output-dir", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, meta = unlearn.load_eraser(full)
-    b, meta_b = unlearn.load_eraser(killed)
+    a, meta = load_eraser(full)
+    b, meta_b = load_eraser(killed)
     assert meta_b["final"] and meta_b["steps_done"] == 60
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 

@@ -675,32 +675,6 @@ def save_eraser(output_dir, erasers, meta):
     write_atomic(os.path.join(output_dir, "eraser.json"), write_json)
 
 
-def load_eraser(eraser_dir):
-    """(weights, meta) of a saved eraser; a missing or damaged file is a UserError."""
-    from safetensors.torch import load_file
-    try:
-        with open(os.path.join(eraser_dir, "eraser.json")) as f:
-            meta = json.load(f)
-        weights = load_file(os.path.join(eraser_dir, "eraser.safetensors"))
-    except Exception as e:  # missing, truncated, not safetensors or not json
-        raise UserError(f"cannot read the eraser in '{eraser_dir}' ({str(e).splitlines()[0][:160]}); "
-                        "train it again with unlearn.py")
-    return weights, meta
-
-
-def apply_eraser(pipe, eraser_dir):
-    """Attach a saved eraser to a pipeline's transformer, refusing one made for another model."""
-    weights, meta = load_eraser(eraser_dir)
-    mine = json.loads(json.dumps(model_fingerprint(pipe.transformer), default=str))
-    if meta.get("base_config") != mine:
-        raise UserError(f"the eraser in '{eraser_dir}' was made for another base model ({meta.get('model')}); "
-                        "load it with that model")
-    erasers, _ = attach_erasers(pipe.transformer, meta["rank"], pipe.transformer.device)
-    erasers.load_state_dict(weights)
-    erasers.to(pipe.transformer.device).requires_grad_(False)
-    return meta
-
-
 def check_output_dir(args):
     if os.path.exists(args.output_dir) and os.listdir(args.output_dir) and not (args.overwrite or args.resume):
         raise UserError(f"--output-dir {args.output_dir} already holds files; pass --overwrite or choose another")
