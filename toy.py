@@ -2,6 +2,7 @@
 
     python toy.py            # rebuild toy/ from nothing (about 30 minutes on 2 CPU cores)
     python toy.py --check    # load the committed toy/ and print its quality table
+    python toy.py --motion-pilot DIR   # a pilot toward direction (issue #2): fine-tune toy/ into DIR
 
 The toy world lets anyone watch concept erasure work without a GPU. A video is 9 frames
 of 64x64 px on a black background with one or two solid 16x16 squares, each in one colour
@@ -329,6 +330,54 @@ def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, l
     transformer.eval(), text_encoder.eval()
 
 
+def motion_pilot(pipe, rng, clean=600, partial=600, lr=3e-4, batch=32):
+    """A pilot toward issue #2, not part of the build: fine-tune a trained toy to follow direction words.
+
+    Trained plainly, the toy ignores direction words (swapping "left" for "right" changes its
+    loss in the fourth decimal): with every frame equally noisy they say little that the
+    noisy frames do not. Here half of each batch shows the first latent frame clean (first
+    `clean` steps: all of the batch; then for `partial` steps half, at a lower noise level
+    than the rest), with no loss on that frame: the words then decide where the square goes.
+    """
+    tok, te, tr, sch = pipe.tokenizer, pipe.text_encoder, pipe.transformer, pipe.scheduler
+    scale = pipe.vae.config.scaling_factor  # keep the committed latent scale (encode_dataset measures anew)
+    scenes, latents = encode_dataset(pipe.vae, rng, 2000)
+    latents *= scale / pipe.vae.config.scaling_factor
+    pipe.vae.register_to_config(scaling_factor=scale)
+    params = list(tr.parameters()) + list(te.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    tr.train(), te.train()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(5)
+    for step in tqdm(range(clean + partial), desc="motion pilot"):
+        for g in opt.param_groups:
+            g["lr"] = lr if step < clean else lr * 0.5 * (1 + math.cos(math.pi * (step - clean) / partial))
+        idx = [rng.randrange(len(scenes)) for _ in range(batch)]
+        prompts = ["" if rng.random() < 0.1 else make_prompt(rng, scenes[i], drop=0.1) for i in idx]
+        text = te(tok(prompts, padding="max_length", max_length=226, truncation=True, return_tensors="pt").input_ids)[0]
+        x0, noise = latents[idx], torch.randn(latents[idx].shape, generator=gen)
+        t = torch.randint(0, 1000, (batch,), generator=gen)
+        hint = torch.rand(batch, generator=gen) < (1.0 if step < clean else 0.5)
+        x_t = sch.add_noise(x0, noise, t).clone()
+        if step < clean:
+            x_t[hint, :1] = x0[hint, :1]
+        else:
+            first = sch.add_noise(x0[:, :1], noise[:, :1], (t.float() * torch.rand(batch, generator=gen)).long())
+            x_t[hint, :1] = first[hint]
+        v = tr(hidden_states=x_t, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
+        weight = torch.ones_like(v)
+        weight[hint, :1] = 0
+        loss = (weight * (v - sch.get_velocity(x0, noise, t)) ** 2).sum() / weight.sum()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    tr.eval(), te.eval()
+    for p in params:
+        p.requires_grad_(False)
+
+
 # -----------------------------------------------------------------------------
 # 5. How good the toy model is: judged on held-out phrasings
 
@@ -417,7 +466,18 @@ def main():
     parser.add_argument("--steps", type=int, default=3000, help="transformer training steps (default 3000)")
     parser.add_argument("--reuse-vae", action="store_true", help="keep the VAE of --out, train the rest anew")
     parser.add_argument("--n-eval", type=int, default=96, help="one-square videos in the quality table")
+    parser.add_argument("--motion-pilot", metavar="DIR", default=None,
+                        help="fine-tune the committed toy/ with motion_pilot, save it to DIR, print its quality")
     args = parser.parse_args()
+    if args.motion_pilot:
+        from unlearn import load_base_pipeline
+        if os.path.abspath(args.motion_pilot) == TOY_DIR:
+            parser.error("--motion-pilot DIR: choose a folder other than toy/, which stays as built")
+        torch.manual_seed(0)
+        pipe = load_base_pipeline("toy")
+        motion_pilot(pipe, random.Random(0))
+        pipe.save_pretrained(args.motion_pilot)
+        args.out, args.check = args.motion_pilot, True
     if not args.check:
         from diffusers import CogVideoXPipeline
         start = time.time()
