@@ -299,6 +299,26 @@ def encode_dataset(vae, rng, n, batch=32):
     return scenes, (latents * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
 
 
+def _training_batch(rng, scenes, latents, tokenizer, text_encoder, scheduler, gen, batch):
+    """A batch to train on: text (B, 226, D), latents x0, noise and timesteps; one prompt in ten empty."""
+    idx = [rng.randrange(len(scenes)) for _ in range(batch)]
+    prompts = ["" if rng.random() < 0.1 else make_prompt(rng, scenes[i], drop=0.1) for i in idx]
+    ids = tokenizer(prompts, padding="max_length", max_length=226, truncation=True, return_tensors="pt").input_ids
+    device = latents.device
+    text = text_encoder(ids.to(device))[0]
+    x0 = latents[idx]  # (B, F', C, H', W')
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
+    return text, x0, noise, t
+
+
+def _update(opt, params, loss):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng,
                       steps=3000, batch=32, lr=1e-3):
     """Train transformer and text encoder together on v-prediction; one prompt in ten is empty."""
@@ -310,22 +330,11 @@ def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, l
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        idx = [rng.randrange(len(scenes)) for _ in range(batch)]
-        prompts = ["" if rng.random() < 0.1 else make_prompt(rng, scenes[i], drop=0.1) for i in idx]
-        ids = tokenizer(prompts, padding="max_length", max_length=226, truncation=True,
-                        return_tensors="pt").input_ids
-        device = latents.device
-        text = text_encoder(ids.to(device))[0]  # (B, 226, D)
-        x0 = latents[idx]  # (B, F', C, H', W')
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
+        text, x0, noise, t = _training_batch(rng, scenes, latents, tokenizer, text_encoder, scheduler, gen, batch)
         x_t = scheduler.add_noise(x0, noise, t)
         v = transformer(hidden_states=x_t, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
         loss = F.mse_loss(v, scheduler.get_velocity(x0, noise, t))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _update(opt, params, loss)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     transformer.eval(), text_encoder.eval()
 
@@ -353,11 +362,7 @@ def motion_pilot(pipe, rng, clean=600, partial=600, lr=3e-4, batch=32):
     for step in tqdm(range(clean + partial), desc="motion pilot"):
         for g in opt.param_groups:
             g["lr"] = lr if step < clean else lr * 0.5 * (1 + math.cos(math.pi * (step - clean) / partial))
-        idx = [rng.randrange(len(scenes)) for _ in range(batch)]
-        prompts = ["" if rng.random() < 0.1 else make_prompt(rng, scenes[i], drop=0.1) for i in idx]
-        text = te(tok(prompts, padding="max_length", max_length=226, truncation=True, return_tensors="pt").input_ids)[0]
-        x0, noise = latents[idx], torch.randn(latents[idx].shape, generator=gen)
-        t = torch.randint(0, 1000, (batch,), generator=gen)
+        text, x0, noise, t = _training_batch(rng, scenes, latents, tok, te, sch, gen, batch)
         hint = torch.rand(batch, generator=gen) < (1.0 if step < clean else 0.5)
         x_t = sch.add_noise(x0, noise, t).clone()
         if step < clean:
@@ -368,11 +373,7 @@ def motion_pilot(pipe, rng, clean=600, partial=600, lr=3e-4, batch=32):
         v = tr(hidden_states=x_t, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
         weight = torch.ones_like(v)
         weight[hint, :1] = 0
-        loss = (weight * (v - sch.get_velocity(x0, noise, t)) ** 2).sum() / weight.sum()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _update(opt, params, (weight * (v - sch.get_velocity(x0, noise, t)) ** 2).sum() / weight.sum())
     tr.eval(), te.eval()
     for p in params:
         p.requires_grad_(False)
