@@ -344,9 +344,9 @@ def motion_pilot(pipe, rng, clean=600, partial=600, lr=3e-4, batch=32):
 
     Trained plainly, the toy ignores direction words (swapping "left" for "right" changes its
     loss in the fourth decimal): with every frame equally noisy they say little that the
-    noisy frames do not. Here half of each batch shows the first latent frame clean (first
-    `clean` steps: all of the batch; then for `partial` steps half, at a lower noise level
-    than the rest), with no loss on that frame: the words then decide where the square goes.
+    noisy frames do not. Here, for the first `clean` steps, every clip shows its first latent
+    frame clean; for the next `partial` steps, half of them show it less noisy than the rest.
+    That frame is not trained on: the words then decide where the square goes next.
     """
     tok, te, tr, sch = pipe.tokenizer, pipe.text_encoder, pipe.transformer, pipe.scheduler
     scale = pipe.vae.config.scaling_factor  # keep the committed latent scale (encode_dataset measures anew)
