@@ -472,13 +472,14 @@ def main():
     args = parser.parse_args()
     if args.motion_pilot:
         from unlearn import load_base_pipeline
-        if os.path.abspath(args.motion_pilot) == TOY_DIR:
-            parser.error("--motion-pilot DIR: choose a folder other than toy/, which stays as built")
+        out = args.motion_pilot
+        if os.path.abspath(out) == TOY_DIR or (os.path.isdir(out) and os.listdir(out)):
+            parser.error(f"--motion-pilot {out}: choose a new or empty folder (toy/ stays as built)")
         torch.manual_seed(0)
         pipe = load_base_pipeline("toy")
         motion_pilot(pipe, random.Random(0))
-        pipe.save_pretrained(args.motion_pilot)
-        args.out, args.check = args.motion_pilot, True
+        pipe.save_pretrained(out)
+        args.out, args.check = out, True
     if not args.check:
         from diffusers import CogVideoXPipeline
         start = time.time()
