@@ -320,20 +320,48 @@ def _update(opt, params, loss):
 
 
 def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng,
-                      steps=3000, batch=32, lr=1e-3):
-    """Train transformer and text encoder together on v-prediction; one prompt in ten is empty."""
+                      steps=(3000, 0, 0), batch=32, lr=1e-3, gen=None):
+    """Train transformer and text encoder together on v-prediction; one prompt in ten is empty.
+
+    Three stages, of steps[0], steps[1] and steps[2] steps:
+    plain: every frame equally noisy; the lr warms up over 200 steps, then decays (cosine);
+    first frame given: every clip shows its first latent frame clean, at a constant lr;
+    first frame hinted: half the clips show it less noisy than the rest; the lr decays.
+    A given or hinted frame is not trained on: the words then decide where the square goes
+    next. The build runs the plain stage only; `motion_pilot` the other two (issue #2).
+    """
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     transformer.train(), text_encoder.train()
-    gen = torch.Generator().manual_seed(rng.randint(0, 2**31))
-    bar = tqdm(range(steps), desc="transformer")
+    if gen is None:
+        gen = torch.Generator().manual_seed(rng.randint(0, 2**31))
+    plain, given, hinted = steps
+    bar = tqdm(range(plain + given + hinted), desc="transformer")
     for step in bar:
+        if step < plain:
+            rate, share = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / plain)), 0.0
+        elif step < plain + given:
+            rate, share = lr, 1.0
+        else:
+            rate, share = lr * 0.5 * (1 + math.cos(math.pi * (step - plain - given) / hinted)), 0.5
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            g["lr"] = rate
         text, x0, noise, t = _training_batch(rng, scenes, latents, tokenizer, text_encoder, scheduler, gen, batch)
         x_t = scheduler.add_noise(x0, noise, t)
+        if share:  # the first latent frame of some clips clean (given) or at a fraction of t (hinted)
+            hint = torch.rand(batch, generator=gen) < share
+            first = x0[:, :1] if step < plain + given else scheduler.add_noise(
+                x0[:, :1], noise[:, :1], (t.float() * torch.rand(batch, generator=gen)).long())
+            x_t = x_t.clone()
+            x_t[hint, :1] = first[hint]
         v = transformer(hidden_states=x_t, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
-        loss = F.mse_loss(v, scheduler.get_velocity(x0, noise, t))
+        target = scheduler.get_velocity(x0, noise, t)
+        if share:
+            weight = torch.ones_like(v)
+            weight[hint, :1] = 0  # no loss on a frame that was shown
+            loss = (weight * (v - target) ** 2).sum() / weight.sum()
+        else:
+            loss = F.mse_loss(v, target)
         _update(opt, params, loss)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     transformer.eval(), text_encoder.eval()
@@ -344,37 +372,18 @@ def motion_pilot(pipe, rng, clean=600, partial=600, lr=3e-4, batch=32):
 
     Trained plainly, the toy ignores direction words (swapping "left" for "right" changes its
     loss in the fourth decimal): with every frame equally noisy they say little that the
-    noisy frames do not. Here, for the first `clean` steps, every clip shows its first latent
-    frame clean; for the next `partial` steps, half of them show it less noisy than the rest.
-    That frame is not trained on: the words then decide where the square goes next.
+    noisy frames do not. Here `train_transformer` runs its two other stages on the built toy:
+    `clean` steps with the first latent frame given, then `partial` steps with it hinted.
     """
-    tok, te, tr, sch = pipe.tokenizer, pipe.text_encoder, pipe.transformer, pipe.scheduler
     scale = pipe.vae.config.scaling_factor  # keep the committed latent scale (encode_dataset measures anew)
     scenes, latents = encode_dataset(pipe.vae, rng, 2000)
     latents *= scale / pipe.vae.config.scaling_factor
     pipe.vae.register_to_config(scaling_factor=scale)
-    params = list(tr.parameters()) + list(te.parameters())
+    params = list(pipe.transformer.parameters()) + list(pipe.text_encoder.parameters())
     for p in params:
         p.requires_grad_(True)
-    tr.train(), te.train()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(5)
-    for step in tqdm(range(clean + partial), desc="motion pilot"):
-        for g in opt.param_groups:
-            g["lr"] = lr if step < clean else lr * 0.5 * (1 + math.cos(math.pi * (step - clean) / partial))
-        text, x0, noise, t = _training_batch(rng, scenes, latents, tok, te, sch, gen, batch)
-        hint = torch.rand(batch, generator=gen) < (1.0 if step < clean else 0.5)
-        x_t = sch.add_noise(x0, noise, t).clone()
-        if step < clean:
-            x_t[hint, :1] = x0[hint, :1]
-        else:
-            first = sch.add_noise(x0[:, :1], noise[:, :1], (t.float() * torch.rand(batch, generator=gen)).long())
-            x_t[hint, :1] = first[hint]
-        v = tr(hidden_states=x_t, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
-        weight = torch.ones_like(v)
-        weight[hint, :1] = 0
-        _update(opt, params, (weight * (v - sch.get_velocity(x0, noise, t)) ** 2).sum() / weight.sum())
-    tr.eval(), te.eval()
+    train_transformer(pipe.transformer, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, scenes, latents, rng,
+                      (0, clean, partial), batch, lr, gen=torch.Generator().manual_seed(5))
     for p in params:
         p.requires_grad_(False)
 
@@ -495,7 +504,7 @@ def main():
         print(f"VAE reconstructions read by the judge: colour {100 * colour_ok:.0f} %, "
               f"direction {100 * direction_ok:.0f} %")
         scenes, latents = encode_dataset(vae, rng, 4000)
-        train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng, args.steps)
+        train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng, (args.steps, 0, 0))
         pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                  transformer=transformer, scheduler=scheduler)
         pipe.save_pretrained(args.out)
