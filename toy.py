@@ -320,12 +320,13 @@ def _update(opt, params, loss):
 
 
 def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng,
-                      steps=(3000, 0, 0), batch=32, lr=1e-3, gen=None):
+                      steps=(3000, 0, 0), batch=32, lr=1e-3, gen=None, given_t_min=0):
     """Train transformer and text encoder together on v-prediction; one prompt in ten is empty.
 
     Three stages, of steps[0], steps[1] and steps[2] steps:
     plain: every frame equally noisy; the lr warms up over 200 steps, then decays (cosine);
-    first frame given: every clip shows its first latent frame clean, at a constant lr;
+    first frame given: every clip shows its first latent frame clean, at a constant lr, and
+      noise levels from `given_t_min` up only (where the noisy frames do not show the way);
     first frame hinted: half the clips show it less noisy than the rest; the lr decays.
     A given or hinted frame is not trained on: the words then decide where the square goes
     next. The build runs the plain stage only; `motion_pilot` the other two (issue #2).
@@ -339,24 +340,27 @@ def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, l
     bar = tqdm(range(plain + given + hinted), desc="transformer")
     for step in bar:
         if step < plain:
-            rate, share = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / plain)), 0.0
+            stage, rate = "plain", lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / plain))
         elif step < plain + given:
-            rate, share = lr, 1.0
+            stage, rate = "given", lr
         else:
-            rate, share = lr * 0.5 * (1 + math.cos(math.pi * (step - plain - given) / hinted)), 0.5
+            stage, rate = "hinted", lr * 0.5 * (1 + math.cos(math.pi * (step - plain - given) / hinted))
         for g in opt.param_groups:
             g["lr"] = rate
         text, x0, noise, t = _training_batch(rng, scenes, latents, tokenizer, text_encoder, scheduler, gen, batch)
+        if stage == "given" and given_t_min:  # t drawn from [given_t_min, T) instead of [0, T)
+            total = scheduler.config.num_train_timesteps
+            t = given_t_min + t * (total - given_t_min) // total
         x_t = scheduler.add_noise(x0, noise, t)
-        if share:  # the first latent frame of some clips clean (given) or at a fraction of t (hinted)
-            hint = torch.rand(batch, generator=gen) < share
-            first = x0[:, :1] if step < plain + given else scheduler.add_noise(
+        if stage != "plain":  # the first latent frame of every clip clean (given), or of half at a fraction of t
+            hint = torch.rand(batch, generator=gen) < (1.0 if stage == "given" else 0.5)
+            first = x0[:, :1] if stage == "given" else scheduler.add_noise(
                 x0[:, :1], noise[:, :1], (t.float() * torch.rand(batch, generator=gen)).long())
             x_t = x_t.clone()
             x_t[hint, :1] = first[hint]
         v = transformer(hidden_states=x_t, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
         target = scheduler.get_velocity(x0, noise, t)
-        if share:
+        if stage != "plain":
             weight = torch.ones_like(v)
             weight[hint, :1] = 0  # no loss on a frame that was shown
             loss = (weight * (v - target) ** 2).sum() / weight.sum()
@@ -367,13 +371,14 @@ def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, l
     transformer.eval(), text_encoder.eval()
 
 
-def motion_pilot(pipe, rng, clean=600, partial=600, lr=3e-4, batch=32):
+def motion_pilot(pipe, rng, clean=600, partial=600, lr=3e-4, batch=32, given_t_min=0):
     """A pilot toward issue #2, not part of the build: fine-tune a trained toy to follow direction words.
 
     Trained plainly, the toy ignores direction words (swapping "left" for "right" changes its
     loss in the fourth decimal): with every frame equally noisy they say little that the
     noisy frames do not. Here `train_transformer` runs its two other stages on the built toy:
-    `clean` steps with the first latent frame given, then `partial` steps with it hinted.
+    `clean` steps with the first latent frame given (at noise levels from `given_t_min` up),
+    then `partial` steps with it hinted.
     """
     scale = pipe.vae.config.scaling_factor  # keep the committed latent scale (encode_dataset measures anew)
     scenes, latents = encode_dataset(pipe.vae, rng, 2000)
@@ -383,7 +388,7 @@ def motion_pilot(pipe, rng, clean=600, partial=600, lr=3e-4, batch=32):
     for p in params:
         p.requires_grad_(True)
     train_transformer(pipe.transformer, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, scenes, latents, rng,
-                      (0, clean, partial), batch, lr, gen=torch.Generator().manual_seed(5))
+                      (0, clean, partial), batch, lr, torch.Generator().manual_seed(5), given_t_min)
     for p in params:
         p.requires_grad_(False)
 
