@@ -320,22 +320,24 @@ def _update(opt, params, loss):
 
 
 def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng,
-                      steps=(3000, 0, 0), batch=32, lr=1e-3, gen=None, given_t_min=0):
+                      steps=(3000, 0, 0), batch=32, lr=1e-3, gen=None, given_t_min=0, mix=(0.0, 0.0)):
     """Train transformer and text encoder together on v-prediction; one prompt in ten is empty.
 
     Three stages, of steps[0], steps[1] and steps[2] steps:
-    plain: every frame equally noisy; the lr warms up over 200 steps, then decays (cosine);
-    first frame given: every clip shows its first latent frame clean, at a constant lr, and
-      noise levels from `given_t_min` up only (where the noisy frames do not show the way);
+    plain: the lr warms up over 200 steps, then decays (cosine); every frame equally noisy,
+      except in the shares `mix` = (given, hinted) of the clips (0 and 0 by default);
+    first frame given: every clip shows its first latent frame clean, at a constant lr;
     first frame hinted: half the clips show it less noisy than the rest; the lr decays.
-    A given or hinted frame is not trained on: the words then decide where the square goes
-    next. The build runs the plain stage only; `motion_pilot` the other two (issue #2).
+    A given frame is clean, at noise levels from `given_t_min` up only (where the noisy
+    frames do not show the way); a hinted one is noised at a random fraction of t. Neither
+    is trained on: the words then decide where the square goes next (issue #2).
     """
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     transformer.train(), text_encoder.train()
     if gen is None:
         gen = torch.Generator().manual_seed(rng.randint(0, 2**31))
+    total = scheduler.config.num_train_timesteps
     plain, given, hinted = steps
     bar = tqdm(range(plain + given + hinted), desc="transformer")
     for step in bar:
@@ -348,21 +350,27 @@ def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, l
         for g in opt.param_groups:
             g["lr"] = rate
         text, x0, noise, t = _training_batch(rng, scenes, latents, tokenizer, text_encoder, scheduler, gen, batch)
-        if stage == "given" and given_t_min:  # t drawn from [given_t_min, T) instead of [0, T)
-            total = scheduler.config.num_train_timesteps
-            t = given_t_min + t * (total - given_t_min) // total
+        share_given, share_hinted = {"plain": mix, "given": (1.0, 0.0), "hinted": (0.0, 0.5)}[stage]
+        shown = None
+        if share_given or share_hinted:  # which clips show their first latent frame, given or hinted
+            u = torch.rand(batch, generator=gen)
+            is_given = u < share_given
+            shown = u < share_given + share_hinted
+            if given_t_min:  # a given clip's t drawn from [given_t_min, T) instead of [0, T)
+                t = torch.where(is_given, given_t_min + t * (total - given_t_min) // total, t)
         x_t = scheduler.add_noise(x0, noise, t)
-        if stage != "plain":  # the first latent frame of every clip clean (given), or of half at a fraction of t
-            hint = torch.rand(batch, generator=gen) < (1.0 if stage == "given" else 0.5)
-            first = x0[:, :1] if stage == "given" else scheduler.add_noise(
-                x0[:, :1], noise[:, :1], (t.float() * torch.rand(batch, generator=gen)).long())
-            x_t = x_t.clone()
-            x_t[hint, :1] = first[hint]
+        if shown is not None:
+            first = x0[:, :1]
+            if share_hinted:
+                t_hint = (t.float() * torch.rand(batch, generator=gen)).long()
+                hint = scheduler.add_noise(x0[:, :1], noise[:, :1], t_hint)
+                first = torch.where(is_given[:, None, None, None, None], first, hint)
+            x_t[shown, :1] = first[shown]
         v = transformer(hidden_states=x_t, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
         target = scheduler.get_velocity(x0, noise, t)
-        if stage != "plain":
+        if shown is not None:
             weight = torch.ones_like(v)
-            weight[hint, :1] = 0  # no loss on a frame that was shown
+            weight[shown, :1] = 0  # no loss on a frame that was shown
             loss = (weight * (v - target) ** 2).sum() / weight.sum()
         else:
             loss = F.mse_loss(v, target)
@@ -479,11 +487,16 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="seed of the whole build (default 0)")
     parser.add_argument("--vae-steps", type=int, nargs=2, default=[300, 900], help="VAE steps: frames, then clips")
     parser.add_argument("--steps", type=int, default=3000, help="transformer training steps (default 3000)")
+    parser.add_argument("--scenes", type=int, default=4000, help="training scenes encoded once (default 4000)")
+    parser.add_argument("--mix", type=float, nargs=2, default=[0.0, 0.0], metavar=("GIVEN", "HINTED"),
+                        help="shares of clips with the first frame given / hinted (default 0 0; README, toy world)")
     parser.add_argument("--reuse-vae", action="store_true", help="keep the VAE of --out, train the rest anew")
     parser.add_argument("--n-eval", type=int, default=96, help="one-square videos in the quality table")
     parser.add_argument("--motion-pilot", metavar="DIR", default=None,
                         help="fine-tune the committed toy/ with motion_pilot, save it to DIR, print its quality")
     args = parser.parse_args()
+    if min(args.mix) < 0 or sum(args.mix) > 1:
+        parser.error(f"--mix {args.mix[0]} {args.mix[1]}: shares of clips, at least 0 and summing to at most 1")
     if args.motion_pilot:
         from unlearn import load_base_pipeline
         out = args.motion_pilot
@@ -508,8 +521,11 @@ def main():
         colour_ok, direction_ok = check_vae(vae, rng)
         print(f"VAE reconstructions read by the judge: colour {100 * colour_ok:.0f} %, "
               f"direction {100 * direction_ok:.0f} %")
-        scenes, latents = encode_dataset(vae, rng, 4000)
-        train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng, (args.steps, 0, 0))
+        if any(args.mix):  # the transformer's own random stream: --reuse-vae then repeats a build from nothing
+            rng = random.Random(args.seed + 1)
+        scenes, latents = encode_dataset(vae, rng, args.scenes)
+        train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng, (args.steps, 0, 0),
+                          given_t_min=600, mix=tuple(args.mix))
         pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                  transformer=transformer, scheduler=scheduler)
         pipe.save_pretrained(args.out)
