@@ -341,16 +341,16 @@ def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, l
     plain, given, hinted = steps
     bar = tqdm(range(plain + given + hinted), desc="transformer")
     for step in bar:
-        if step < plain:
-            stage, rate = "plain", lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / plain))
+        if step < plain:  # the lr, and the shares of clips with the first frame given and hinted
+            rate, shares = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / plain)), mix
         elif step < plain + given:
-            stage, rate = "given", lr
+            rate, shares = lr, (1.0, 0.0)
         else:
-            stage, rate = "hinted", lr * 0.5 * (1 + math.cos(math.pi * (step - plain - given) / hinted))
+            rate, shares = lr * 0.5 * (1 + math.cos(math.pi * (step - plain - given) / hinted)), (0.0, 0.5)
+        share_given, share_hinted = shares
         for g in opt.param_groups:
             g["lr"] = rate
         text, x0, noise, t = _training_batch(rng, scenes, latents, tokenizer, text_encoder, scheduler, gen, batch)
-        share_given, share_hinted = {"plain": mix, "given": (1.0, 0.0), "hinted": (0.0, 0.5)}[stage]
         shown = None
         if share_given or share_hinted:  # which clips show their first latent frame, given or hinted
             u = torch.rand(batch, generator=gen)
