@@ -29,7 +29,8 @@ import warnings
 import numpy as np
 import torch
 
-from unlearn import UserError, attach_erasers, load_base_pipeline, model_fingerprint, run_cli, set_erasers
+from runs import UserError, run_cli
+from unlearn import attach_erasers, load_base_pipeline, model_fingerprint, set_erasers
 
 NUDITY_LABELS = ("ARMPITS_EXPOSED", "BELLY_EXPOSED", "FEMALE_BREAST_EXPOSED", "MALE_BREAST_EXPOSED",
                  "BUTTOCKS_EXPOSED", "FEET_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED")

@@ -24,20 +24,17 @@ import math
 import os
 import random
 import re
-import signal
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from runs import (Interrupted, UserError, deferred_interrupt, restore_checkpoint, run_cli, save_checkpoint,
+                  write_atomic)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOY = os.path.join(HERE, "toy")
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for: reported as one line, exit code 2."""
 
 
 # -----------------------------------------------------------------------------
@@ -577,34 +574,28 @@ def train(args, pipe, embeds, tokens, log=print, checkpoint=None):
     r = setup_training(args, pipe, embeds, tokens, log)
     history, start = {"unlearn": [], "loc": [], "pre": []}, 0
     if args.resume:
-        start, history = restore_checkpoint(r, args)
+        start, history = restore_checkpoint(args.output_dir, result_settings(args), r.erasers, r.opt, r.gen)
         log(f"# 8. Resumed from the checkpoint at step {start}")
     every = args.checkpoint_every or max(1, args.steps // 10)
-    interrupted = []
-    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
     try:
-        bar = tqdm(range(start, args.steps), desc="unlearning", initial=start, total=args.steps)
-        for step in bar:
-            losses = unlearning_step(r)
-            for name, value in losses.items():
-                if not math.isfinite(value):
-                    raise UserError(f"step {step + 1}: the {name} loss is {value}; stopped, nothing saved as final, "
-                                    f"the last checkpoint stays in {args.output_dir} (try a lower --lr)")
-                history[name].append(value)
-            bar.set_postfix({k: f"{v[-1]:.2e}" for k, v in history.items()})
-            if checkpoint and (interrupted or (step + 1) % every == 0 and step + 1 < args.steps):
-                checkpoint(r, step + 1, history)
-            if interrupted:
-                raise Interrupted(f"interrupted after step {step + 1} of {args.steps}; checkpoint saved in "
-                                  f"{args.output_dir}; continue with the same command and --resume")
+        with deferred_interrupt() as interrupted:
+            bar = tqdm(range(start, args.steps), desc="unlearning", initial=start, total=args.steps)
+            for step in bar:
+                losses = unlearning_step(r)
+                for name, value in losses.items():
+                    if not math.isfinite(value):
+                        raise UserError(f"step {step + 1}: the {name} loss is {value}; stopped, nothing saved as "
+                                        f"final, the last checkpoint stays in {args.output_dir} (try a lower --lr)")
+                    history[name].append(value)
+                bar.set_postfix({k: f"{v[-1]:.2e}" for k, v in history.items()})
+                if checkpoint and (interrupted or (step + 1) % every == 0 and step + 1 < args.steps):
+                    checkpoint(r, step + 1, history)
+                if interrupted:
+                    raise Interrupted(f"interrupted after step {step + 1} of {args.steps}; checkpoint saved in "
+                                      f"{args.output_dir}; continue with the same command and --resume")
     finally:
-        signal.signal(signal.SIGINT, previous)
         r.transformer.disable_gradient_checkpointing()
     return r.erasers, history
-
-
-class Interrupted(Exception):
-    """Ctrl-C: the run stopped after saving a checkpoint."""
 
 
 # Settings that change the result: a run resumes only if they are as they were.
@@ -613,33 +604,8 @@ RESULT_SETTINGS = ("concept", "model", "num_prompts", "prompts_file", "refiner",
                    "lr", "batch_size", "num_frames", "height", "width", "seed")
 
 
-def save_checkpoint(r, steps_done, history):
-    """Erasers, optimizer, step and random state, atomically, to resume from exactly here."""
-    state = dict(erasers=r.erasers.state_dict(), optimizer=r.opt.state_dict(), step=steps_done, history=history,
-                 generator=r.gen.get_state(), torch_rng=torch.get_rng_state(),
-                 settings={k: getattr(r.args, k) for k in RESULT_SETTINGS})
-    os.makedirs(r.args.output_dir, exist_ok=True)
-    write_atomic(os.path.join(r.args.output_dir, "checkpoint.pt"), lambda p: torch.save(state, p))
-
-
-def restore_checkpoint(r, args):
-    path = os.path.join(args.output_dir, "checkpoint.pt")
-    if not os.path.isfile(path):
-        raise UserError(f"--resume: there is no checkpoint in {args.output_dir}")
-    try:
-        state = torch.load(path, weights_only=True, map_location=r.gen.device)  # never unpickle code
-    except Exception as e:
-        raise UserError(f"--resume: cannot read {path} ({str(e).splitlines()[0][:160]})")
-    changed = [f"{k} ({state['settings'].get(k)!r} -> {getattr(args, k)!r})"
-               for k in RESULT_SETTINGS if state["settings"].get(k) != getattr(args, k)]
-    if changed:
-        raise UserError(f"--resume: settings differ from the checkpoint's: {', '.join(changed)}; "
-                        "use the same settings, or start anew with --overwrite")
-    r.erasers.load_state_dict(state["erasers"])
-    r.opt.load_state_dict(state["optimizer"])
-    r.gen.set_state(state["generator"].cpu())
-    torch.set_rng_state(state["torch_rng"].cpu())
-    return state["step"], state["history"]
+def result_settings(args):
+    return {k: getattr(args, k) for k in RESULT_SETTINGS}
 
 
 # -----------------------------------------------------------------------------
@@ -655,12 +621,6 @@ def eraser_meta(args, transformer, steps_done, history, prompts):
     return dict(vars(args), base_config=model_fingerprint(transformer), steps_done=steps_done,
                 final=steps_done == args.steps, num_prompts_built=len(prompts), example_prompts=prompts[:5],
                 last_losses={k: v[-1] for k, v in history.items() if v})
-
-
-def write_atomic(path, write):
-    tmp = f"{path}.tmp"
-    write(tmp)
-    os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
 
 
 def save_eraser(output_dir, erasers, meta):
@@ -709,7 +669,7 @@ def main(argv=None):
 
     # 4-8. x_t, teacher velocities, concept masks, losses and the training loop
     def checkpoint(r, steps_done, history):  # the partial eraser too, usable (with a warning) meanwhile
-        save_checkpoint(r, steps_done, history)
+        save_checkpoint(args.output_dir, steps_done, history, result_settings(args), r.erasers, r.opt, r.gen)
         save_eraser(args.output_dir, r.erasers, eraser_meta(args, pipe.transformer, steps_done, history, prompts))
     erasers, history = train(args, pipe, embeds, tokens, checkpoint=checkpoint)
 
@@ -717,18 +677,6 @@ def main(argv=None):
     save_eraser(args.output_dir, erasers, eraser_meta(args, pipe.transformer, args.steps, history, prompts))
     print(f"# 9. Saved the eraser to {args.output_dir}/eraser.safetensors "
           f"({sum(p.numel() for p in erasers.parameters()) / 1e6:.2f} M parameters)")
-
-
-def run_cli(main):
-    """A command line's main: a user's mistake is one line and exit code 2; Ctrl-C says how to resume."""
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Interrupted as e:
-        print(e, file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

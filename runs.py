@@ -1,0 +1,85 @@
+"""runs.py: what keeps a long run safe; used by unlearn.py and sample.py, not part of the method.
+
+- A user's mistake is one line on stderr and exit code 2, never a traceback (`UserError`, `run_cli`).
+- A file is written whole or not at all (`write_atomic`).
+- A run saves its erasers, optimizer, step and random state, and resumes from them exactly
+  (`save_checkpoint`, `restore_checkpoint`); Ctrl-C ends the step under way, then the run
+  checkpoints and says how to resume (`deferred_interrupt`, `Interrupted`).
+"""
+
+import contextlib
+import os
+import signal
+import sys
+
+import torch
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported as one line, exit code 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the run stopped after saving a checkpoint."""
+
+
+def run_cli(main):
+    """A command line's main: a user's mistake is one line and exit code 2; Ctrl-C says how to resume."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
+
+
+def write_atomic(path, write):
+    """`write(tmp_path)`, then rename: a reader sees the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Inside, Ctrl-C is noted in the yielded list instead of raised, so the step under way ends whole."""
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def save_checkpoint(folder, step, history, settings, erasers, opt, gen):
+    """folder/checkpoint.pt: all it takes to resume from exactly here (weights, optimizer, every random state)."""
+    state = dict(erasers=erasers.state_dict(), optimizer=opt.state_dict(), step=step, history=history,
+                 generator=gen.get_state(), torch_rng=torch.get_rng_state(), settings=settings)
+    os.makedirs(folder, exist_ok=True)
+    write_atomic(os.path.join(folder, "checkpoint.pt"), lambda p: torch.save(state, p))
+
+
+def restore_checkpoint(folder, settings, erasers, opt, gen):
+    """Load folder/checkpoint.pt into erasers, optimizer and random state; returns (step, history).
+
+    Refused if any of `settings` (those that change the result) differs from the checkpoint's.
+    """
+    path = os.path.join(folder, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: there is no checkpoint in {folder}")
+    try:
+        state = torch.load(path, weights_only=True, map_location=gen.device)  # never unpickle code
+    except Exception as e:
+        raise UserError(f"--resume: cannot read {path} ({str(e).splitlines()[0][:160]})")
+    changed = [f"{k} ({state['settings'].get(k)!r} -> {v!r})" for k, v in settings.items()
+               if state["settings"].get(k) != v]
+    if changed:
+        raise UserError(f"--resume: settings differ from the checkpoint's: {', '.join(changed)}; "
+                        "use the same settings, or start anew with --overwrite")
+    erasers.load_state_dict(state["erasers"])
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"].cpu())
+    torch.set_rng_state(state["torch_rng"].cpu())
+    return state["step"], state["history"]
