@@ -67,7 +67,7 @@ def test_held_out_phrasings_never_occur_in_training():
     assert all(w in toy.VOCABULARY for p in held_out for w in p.split())
 
 
-def test_toy_py_refuses_to_write_over_toy_and_bad_mix_shares(tmp_path):
+def test_toy_py_refuses_to_write_over_toy_and_bad_mix_settings(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     before = {p: os.path.getmtime(os.path.join(HERE, "toy", p)) for p in ("model_index.json", "transformer")}
     for target in ("toy", str(tmp_path)):
@@ -75,6 +75,8 @@ def test_toy_py_refuses_to_write_over_toy_and_bad_mix_shares(tmp_path):
         assert result.returncode == 2 and "choose a new or empty folder" in result.stderr
     result = run("toy.py", "--mix", "0.8", "0.5")  # would train into toy/
     assert result.returncode == 2 and "summing to at most 1" in result.stderr
+    result = run("toy.py", "--mix", "0.2", "0.3", "--given-t-min", "1000")
+    assert result.returncode == 2 and "from 0 to 999" in result.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"
     assert before == {p: os.path.getmtime(os.path.join(HERE, "toy", p)) for p in before}
 

@@ -490,6 +490,8 @@ def main():
     parser.add_argument("--scenes", type=int, default=4000, help="training scenes encoded once (default 4000)")
     parser.add_argument("--mix", type=float, nargs=2, default=[0.0, 0.0], metavar=("GIVEN", "HINTED"),
                         help="shares of clips with the first frame given / hinted (default 0 0; README, toy world)")
+    parser.add_argument("--given-t-min", type=int, default=600,
+                        help="under --mix, a given clip's noise level is drawn from t >= this (0-999; default 600)")
     parser.add_argument("--reuse-vae", action="store_true", help="keep the VAE of --out, train the rest anew")
     parser.add_argument("--n-eval", type=int, default=96, help="one-square videos in the quality table")
     parser.add_argument("--motion-pilot", metavar="DIR", default=None,
@@ -497,6 +499,8 @@ def main():
     args = parser.parse_args()
     if min(args.mix) < 0 or sum(args.mix) > 1:
         parser.error(f"--mix {args.mix[0]} {args.mix[1]}: shares of clips, at least 0 and summing to at most 1")
+    if not 0 <= args.given_t_min < 1000:
+        parser.error(f"--given-t-min {args.given_t_min}: a noise level from 0 to 999")
     if args.motion_pilot:
         from unlearn import load_base_pipeline
         out = args.motion_pilot
@@ -525,7 +529,7 @@ def main():
             rng = random.Random(args.seed + 1)
         scenes, latents = encode_dataset(vae, rng, args.scenes)
         train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng, (args.steps, 0, 0),
-                          given_t_min=600, mix=tuple(args.mix))
+                          given_t_min=args.given_t_min, mix=tuple(args.mix))
         pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                  transformer=transformer, scheduler=scheduler)
         pipe.save_pretrained(args.out)
