@@ -217,6 +217,7 @@ def describe(video, min_area=48, min_move=5):
 # 4. The pipeline's parts: the real diffusers and transformers classes, tiny
 
 TEXT_DIM, LATENT_CHANNELS = 64, 16
+TRAIN_TIMESTEPS = 1000  # the scheduler's noise levels, as CogVideoX-2B's
 
 
 def build_parts():
@@ -238,8 +239,8 @@ def build_parts():
         time_embed_dim=64, text_embed_dim=TEXT_DIM, num_layers=4, sample_width=SIZE // 8,
         sample_height=SIZE // 8, sample_frames=FRAMES, patch_size=2, max_text_seq_length=226)
     scheduler = CogVideoXDDIMScheduler(  # configured like CogVideoX-2B's
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
+        num_train_timesteps=TRAIN_TIMESTEPS, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
         timestep_spacing="trailing", snr_shift_scale=3.0, steps_offset=0)
     return tokenizer, text_encoder, vae, transformer, scheduler
 
@@ -491,7 +492,8 @@ def main():
     parser.add_argument("--mix", type=float, nargs=2, default=[0.0, 0.0], metavar=("GIVEN", "HINTED"),
                         help="shares of clips with the first frame given / hinted (default 0 0; README, toy world)")
     parser.add_argument("--given-t-min", type=int, default=600,
-                        help="under --mix, a given clip's noise level is drawn from t >= this (0-999; default 600)")
+                        help="under --mix, a given clip's noise level is drawn from t >= this "
+                             f"(0-{TRAIN_TIMESTEPS - 1}; default 600)")
     parser.add_argument("--reuse-vae", action="store_true", help="keep the VAE of --out, train the rest anew")
     parser.add_argument("--n-eval", type=int, default=96, help="one-square videos in the quality table")
     parser.add_argument("--motion-pilot", metavar="DIR", default=None,
@@ -499,8 +501,8 @@ def main():
     args = parser.parse_args()
     if min(args.mix) < 0 or sum(args.mix) > 1:
         parser.error(f"--mix {args.mix[0]} {args.mix[1]}: shares of clips, at least 0 and summing to at most 1")
-    if not 0 <= args.given_t_min < 1000:
-        parser.error(f"--given-t-min {args.given_t_min}: a noise level from 0 to 999")
+    if not 0 <= args.given_t_min < TRAIN_TIMESTEPS:
+        parser.error(f"--given-t-min {args.given_t_min}: a noise level from 0 to {TRAIN_TIMESTEPS - 1}")
     if args.motion_pilot:
         from unlearn import load_base_pipeline
         out = args.motion_pilot
