@@ -380,14 +380,14 @@ def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, l
     transformer.eval(), text_encoder.eval()
 
 
-def motion_pilot(pipe, rng, clean=600, partial=600, lr=3e-4, batch=32, given_t_min=0):
+def motion_pilot(pipe, rng, clean=600, partial=600, lr=3e-4, batch=32, given_t_min=0, tail=0, tail_lr=1e-4):
     """A pilot toward issue #2, not part of the build: fine-tune a trained toy to follow direction words.
 
     Trained plainly, the toy ignores direction words (swapping "left" for "right" changes its
     loss in the fourth decimal): with every frame equally noisy they say little that the
     noisy frames do not. Here `train_transformer` runs its two other stages on the built toy:
     `clean` steps with the first latent frame given (at noise levels from `given_t_min` up),
-    then `partial` steps with it hinted.
+    then `partial` steps with it hinted, then `tail` plain steps at `tail_lr` (a fresh optimizer).
     """
     scale = pipe.vae.config.scaling_factor  # keep the committed latent scale (encode_dataset measures anew)
     scenes, latents = encode_dataset(pipe.vae, rng, 2000)
@@ -398,6 +398,9 @@ def motion_pilot(pipe, rng, clean=600, partial=600, lr=3e-4, batch=32, given_t_m
         p.requires_grad_(True)
     train_transformer(pipe.transformer, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, scenes, latents, rng,
                       (0, clean, partial), batch, lr, torch.Generator().manual_seed(5), given_t_min)
+    if tail:  # every frame equally noisy again, as in sampling: two-square scenes had suffered
+        train_transformer(pipe.transformer, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, scenes, latents, rng,
+                          (tail, 0, 0), batch, tail_lr, torch.Generator().manual_seed(6))
     for p in params:
         p.requires_grad_(False)
 
