@@ -244,6 +244,24 @@ def test_one_step_changes_only_eraser_weights_and_preservation_starts_at_zero(ti
     assert history["unlearn"][0] > 0
 
 
+def test_x_t_comes_from_the_trajectories_of_the_chosen_prompts(tiny_dir, tmp_path):
+    pools = {}
+    for source in ("concept", "anchor"):
+        pipe = unlearn.load_base_pipeline(tiny_dir, "cpu")  # anew: setup_training attaches erasers
+        args = small_args(tiny_dir, tmp_path, "--xt-prompt", source)
+        prompts, anchors, preserved = unlearn.build_prompts(args, random.Random(0))
+        tokens, embeds = unlearn.encode_run_prompts(pipe, "red", prompts, anchors, preserved)
+        r = unlearn.setup_training(args, pipe, embeds, tokens, log=lambda *_: None)
+        shape = unlearn.video_shape(pipe, args.num_frames, args.height, args.width)
+        direct = unlearn.NoisyLatents("pool", pipe.transformer, pipe.scheduler, embeds[source], embeds["empty"],
+                                      r.rotary, shape, args.guidance, args.xt_steps,
+                                      torch.Generator().manual_seed(args.seed))
+        assert torch.equal(r.xt.pool, direct.pool)
+        pools[source] = r.xt.pool
+    assert torch.equal(pools["concept"][0], pools["anchor"][0])  # the same noise ...
+    assert not torch.allclose(pools["concept"][-1], pools["anchor"][-1])  # ... sampled with other prompts
+
+
 def test_unlearn_then_load_pipeline_on_tiny_configs(tiny_dir, tmp_path):
     out = tmp_path / "eraser"
     unlearn.main(["--model", tiny_dir, "--concept", "red", "--output-dir", str(out), "--steps", "2",

@@ -65,6 +65,9 @@ def build_parser():
     g.add_argument("--xt", choices=["pool", "sample", "renoise"], default="pool",
                    help="how x_t is made: a pool of the frozen model's trajectories made once (default), "
                         "fresh sampling every step (ESD, slow), or its finished samples noised again")
+    g.add_argument("--xt-prompt", choices=["concept", "anchor"], default="concept",
+                   help="whose trajectories x_t is drawn from: the concept prompt's (default, the paper's) or the "
+                        "anchor's (kept the erased square's motion on toys that draw it: README, 'Choices')")
     g.add_argument("--xt-steps", type=int, default=20, help="sampling steps of the trajectories (default 20)")
     g.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance while sampling x_t")
     g = p.add_argument_group("training")
@@ -521,7 +524,8 @@ def setup_training(args, pipe, embeds, tokens, log=print):
 
     # 4. Make the noisy latents x_t (with the erasers off: the frozen original samples them)
     r.state.enabled = False
-    r.xt = NoisyLatents(args.xt, r.transformer, pipe.scheduler, r.cond, embeds["empty"], r.rotary, shape,
+    trajectories = r.cond if args.xt_prompt == "concept" else r.anchor
+    r.xt = NoisyLatents(args.xt, r.transformer, pipe.scheduler, trajectories, embeds["empty"], r.rotary, shape,
                         args.guidance, args.xt_steps, r.gen)
     r.state.enabled = True
 
@@ -600,8 +604,8 @@ def train(args, pipe, embeds, tokens, log=print, checkpoint=None):
 
 # Settings that change the result: a run resumes only if they are as they were.
 RESULT_SETTINGS = ("concept", "model", "num_prompts", "prompts_file", "refiner", "no_augment", "preserve", "eta",
-                   "anchor", "loc_weight", "pres_weight", "mask_threshold", "xt", "xt_steps", "guidance", "rank",
-                   "lr", "batch_size", "num_frames", "height", "width", "seed")
+                   "anchor", "loc_weight", "pres_weight", "mask_threshold", "xt", "xt_prompt", "xt_steps", "guidance",
+                   "rank", "lr", "batch_size", "num_frames", "height", "width", "seed")
 
 
 def result_settings(args):
