@@ -118,7 +118,7 @@ def measure(size, frames, height, width, device, phase, repeats, extra):
     x_t, t = r.xt.draw(idx)  # latents like those a step trains on, made outside the floor's timing
 
     def floor():  # backpropagated as the step does: the concept's rows, then the preservation rows
-        for embeds in (r.cond[idx], r.pre[idx]):
+        for embeds in (r.cond[idx], r.pre[idx, 0]):
             unlearn.student_pass(r.transformer, r.state, x_t, t, embeds, r.rotary).float().pow(2).mean().backward()
         r.opt.zero_grad(set_to_none=True)
 

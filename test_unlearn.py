@@ -67,6 +67,17 @@ def test_held_out_phrasings_never_occur_in_training():
     assert all(w in toy.VOCABULARY for p in held_out for w in p.split())
 
 
+@pytest.mark.parametrize("concept", ["red", "Scarlet", "azure"])
+def test_augmentation_never_puts_the_concepts_colour_on_a_second_square(concept):
+    args = unlearn.parse_args(["--model", "toy", "--concept", concept, "--num-prompts", "200"])
+    prompts, anchors, preserved = unlearn.build_prompts(args, random.Random(0))
+    own = set(toy.SYNONYMS[toy.WORD_TO_COLOUR[concept.lower()]])
+    assert sum(" and " in p for p in prompts) > 50  # two-square scenes are there
+    for p, a, c_pre in zip(prompts, anchors, preserved):
+        assert sum(w in own for w in p.lower().split()) == 1, p  # the concept, once
+        assert not own & set(a.split()) and not own & set(c_pre.split()), (a, c_pre)
+
+
 def test_toy_py_refuses_to_write_over_toy_and_bad_mix_settings(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     before = {p: os.path.getmtime(os.path.join(HERE, "toy", p)) for p in ("model_index.json", "transformer")}
@@ -125,6 +136,18 @@ def test_negative_guidance_target_is_eq1():
     v_c, v_a = torch.tensor([1.0, 2.0, -1.0]), torch.tensor([0.5, 0.0, 1.0])
     expected = torch.tensor([0.5 - 3 * 0.5, 0.0 - 3 * 2.0, 1.0 - 3 * (-2.0)])
     assert torch.allclose(unlearn.negative_guidance_target(v_c, v_a, 3.0), expected)
+
+
+def test_nearest_candidate_is_the_preserved_prompt_closest_to_the_concept():
+    v_cond = torch.zeros(2, 3, 4)
+    v_pre = torch.ones(2, 5, 3, 4) * torch.tensor([3.0, -2.0, 0.5, -0.7, 4.0])[None, :, None, None]
+    v_pre[1, 4] = 0.1  # sample 1: the last candidate is nearest
+    assert unlearn.nearest_candidate(v_pre, v_cond).tolist() == [2, 4]
+    args = unlearn.parse_args(["--model", "toy", "--concept", "red", "--num-prompts", "8", "--preserve-nearest"])
+    prompts, _, preserved = unlearn.build_prompts(args, random.Random(0))
+    per = len(unlearn.default_preserve("toy", "red"))
+    assert len(preserved) == per * len(prompts)  # every candidate, prompt by prompt
+    assert preserved[:per] == [unlearn.substitute(prompts[0], "red", w) for w in unlearn.default_preserve("toy", "red")]
 
 
 def test_localization_loss_is_zero_inside_the_mask_and_counts_outside():

@@ -151,11 +151,20 @@ def make_prompt(rng, scene, held_out=False, drop=0.0, words=None):
     return prompt
 
 
-def augmentation_templates(rng, n=64):
-    """Training-style prompts with `{concept}` where a colour word goes, for unlearn.py on the toy."""
+def augmentation_templates(rng, n=64, concept=""):
+    """Training-style prompts with `{concept}` where a colour word goes, for unlearn.py on the toy.
+
+    A second square never takes the concept's colour: in "a red square and a crimson box" the
+    anchor and the preservation prompt would still ask for red.
+    """
+    erased = WORD_TO_COLOUR.get(concept.lower())
     templates = []
     for _ in range(n):
-        scene = random_scene(rng)
+        if erased:
+            others = rng.sample([c for c in sorted(PALETTE) if c != erased], rng.choice([1, 1, 1, 2, 2]) - 1)
+            scene = random_scene(rng, colours=[erased] + others)
+        else:
+            scene = random_scene(rng)
         words = ["{concept}"] + [rng.choice(SYNONYMS[sq["colour"]]) for sq in scene[1:]]
         parts = [clause(rng, w, sq["direction"]) for w, sq in zip(words, scene)]
         rng.shuffle(parts)

@@ -61,6 +61,9 @@ def build_parser():
                    help="anchor of Eq. 1: the prompt without the concept's words (default), or the empty prompt")
     g.add_argument("--loc-weight", type=float, default=0.1, help="alpha, localization loss weight (0 = off)")
     g.add_argument("--pres-weight", type=float, default=1.0, help="beta, preservation loss weight (0 = off)")
+    g.add_argument("--preserve-nearest", action="store_true",
+                   help="L_pre on, per sample, the preserved prompt the frozen model confuses most with the concept "
+                        "at x_t (default: one drawn at random per prompt); costs a teacher row per preserved prompt")
     g.add_argument("--mask-threshold", type=float, default=0.1, help="concept mask threshold after min-max (0-1)")
     g.add_argument("--xt", choices=["pool", "sample", "renoise"], default="pool",
                    help="how x_t is made: a pool of the frozen model's trajectories made once (default), "
@@ -171,21 +174,21 @@ def is_toy(model):
     return model == "toy" or os.path.abspath(model) == TOY
 
 
-def concept_templates(model, rng, n):
+def concept_templates(model, rng, n, concept):
     """Scenes with a `{concept}` slot. The toy speaks only its own small language (toy.py)."""
     if is_toy(model):
         from toy import augmentation_templates
-        return augmentation_templates(rng, n)
+        return augmentation_templates(rng, n, concept)
     return [" ".join(f"{rng.choice(CAMERAS)} {rng.choice(SCENES)}, {rng.choice(STYLES)}".split()).rstrip(",")
             for _ in range(n)]
 
 
 def default_preserve(model, concept):
-    """What must survive erasing `concept`: for toy colours, the other colours."""
+    """What must survive erasing `concept`: for toy colours, every word of the other colours."""
     if is_toy(model):
-        from toy import PALETTE, WORD_TO_COLOUR
+        from toy import SYNONYMS, WORD_TO_COLOUR
         erased = WORD_TO_COLOUR.get(concept.lower())
-        return [c for c in PALETTE if c != erased]
+        return [w for c, words in SYNONYMS.items() if c != erased for w in words]
     return PRESERVE.get(concept.lower(), GENERIC_PRESERVE)
 
 
@@ -221,11 +224,12 @@ def refine_prompts(prompts, concept, refiner, tries=3):
 
 
 def build_prompts(args, rng):
-    """Concept prompts c, and for each its anchor and its preservation prompt c_pre."""
+    """Concept prompts c, and for each its anchor and its preservation prompts c_pre (one, or every candidate)."""
     if args.no_augment:
         prompts = [args.concept]
     else:
-        prompts = [t.replace("{concept}", args.concept) for t in concept_templates(args.model, rng, args.num_prompts)]
+        templates = concept_templates(args.model, rng, args.num_prompts, args.concept)
+        prompts = [t.replace("{concept}", args.concept) for t in templates]
     if args.prompts_file:
         if not os.path.isfile(args.prompts_file):
             raise UserError(f"--prompts-file {args.prompts_file}: no such file")
@@ -236,7 +240,9 @@ def build_prompts(args, rng):
         prompts = refine_prompts(prompts, args.concept, args.refiner) or prompts
     preserve = args.preserve or default_preserve(args.model, args.concept)
     anchors = ["" if args.anchor == "empty" else substitute(p, args.concept, "") for p in prompts]
-    preserved = [substitute(p, args.concept, rng.choice(preserve)) for p in prompts]
+    # c_pre: the prompt with something to keep in the concept's place; every candidate under --preserve-nearest
+    preserved = [substitute(p, args.concept, w) for p in prompts
+                 for w in (preserve if args.preserve_nearest else [rng.choice(preserve)])]
     return prompts, anchors, preserved
 
 
@@ -309,8 +315,9 @@ class NoisyLatents:
     read all velocities at step k's timestep; it costs up to N guided passes per step.
     'pool' runs each prompt's trajectory once before training and draws a random step of
     one at every iteration: the same distribution of x_t, made once. 'renoise' noises the
-    pool's finished samples to a random timestep: not the sampler's path. On the toy, red in
-    two-square scenes was erased in 92 % (pool), 71 % (sample) and 75 % (renoise) of videos.
+    pool's finished samples to a random timestep: not the sampler's path. On the toy, all three
+    erase red beside a second square in 88 % of videos; that square stays in 92 % (pool), 79 %
+    (sample) and 88 % (renoise).
     """
 
     def __init__(self, kind, transformer, scheduler, embeds, uncond, rotary, shape, guidance, steps, gen):
@@ -371,6 +378,11 @@ def localization_loss(eraser_out, mask):
 def preservation_loss(v_student_pre, v_teacher_pre):
     # L_pre = || v'(x_t, c_pre, t) - v*(x_t, c_pre, t) ||^2
     return F.mse_loss(v_student_pre.float(), v_teacher_pre.float())
+
+
+def nearest_candidate(v_pre, v_cond):
+    # per sample, argmin_k || v*(x_t, c_pre_k) - v*(x_t, c) ||^2 over its candidates: (B, P, ...), (B, ...) -> (B,)
+    return (v_pre.float() - v_cond.float()[:, None]).pow(2).flatten(2).mean(2).argmin(1)
 
 
 # 6. Concept attention: video queries against the prompt's keys, after QK-norm and RoPE.
@@ -466,17 +478,19 @@ def set_erasers(transformer, enabled):
 def teacher_pass(transformer, state, x_t, t, cond, anchor, tokens, rotary, pre=None):
     """v*(x_t, c), v*(x_t, anchor), v*(x_t, c_pre) and each block's concept attention for c.
 
-    `pre` holds the preservation prompts' embeddings c_pre (read at the same x_t), or is None.
+    `pre` holds each sample's P preservation prompts c_pre, (B, P, 226, D), read at the same x_t; or None.
     """
-    embeds = [cond, anchor] + ([pre] if pre is not None else [])
+    b, p = len(x_t), 0 if pre is None else pre.shape[1]
+    embeds = torch.cat([cond, anchor] + ([pre.flatten(0, 1)] if p else []))
     state.enabled, state.tokens = False, tokens
     try:
-        v = transformer(hidden_states=x_t.repeat(len(embeds), 1, 1, 1, 1), encoder_hidden_states=torch.cat(embeds),
-                        timestep=t.repeat(len(embeds)), image_rotary_emb=rotary, return_dict=False)[0]
+        v = transformer(hidden_states=torch.cat([x_t, x_t, x_t.repeat_interleave(p, 0)]), encoder_hidden_states=embeds,
+                        timestep=torch.cat([t, t, t.repeat_interleave(p, 0)]), image_rotary_emb=rotary,
+                        return_dict=False)[0]
     finally:
         state.enabled, state.tokens = True, None
-    v_cond, v_anchor, *v_pre = v.split(len(x_t))
-    return v_cond, v_anchor, (v_pre[0] if v_pre else None), [p.attention for p in processors(transformer)]
+    v_pre = v[2 * b:].unflatten(0, (b, p)) if p else None
+    return v[:b], v[b:2 * b], v_pre, [proc.attention for proc in processors(transformer)]
 
 
 def student_pass(transformer, state, x_t, t, embeds, rotary, record=False):
@@ -508,7 +522,8 @@ def setup_training(args, pipe, embeds, tokens, log=print):
     """Erasers, optimizer and the x_t source (step 4) for a pipeline whose prompts are encoded."""
     r, device = Run(), pipe.transformer.device
     r.args, r.transformer = args, pipe.transformer
-    r.cond, r.anchor, r.pre = embeds["concept"], embeds["anchor"], embeds["preserve"]
+    r.cond, r.anchor = embeds["concept"], embeds["anchor"]
+    r.pre = embeds["preserve"].unflatten(0, (len(r.cond), -1))  # (N, P, 226, D): P candidates per prompt
     resolve_size(pipe, args)
     shape = video_shape(pipe, args.num_frames, args.height, args.width)
     r.rotary = rotary_embeddings(pipe, shape)
@@ -542,13 +557,16 @@ def unlearning_step(r, timer=no_timer):
     with timer("x_t"):
         x_t, t = r.xt.draw(idx)
     # Preservation at the same x_t (METHOD.md's L_pre). Measured on the toy, c_pre at its own
-    # trajectories' x_t erased red in two-square scenes far less (50 % against 92 %): README, "Choices".
+    # trajectories' x_t erased red in two-square scenes far less: README, "Choices".
     c_pre = r.pre[idx] if use_pre else None
     with timer("teacher and masks"):
         # 5. Teacher velocities and the negatively guided target (Eq. 1)
         v_cond, v_anchor, v_pre, attention = teacher_pass(
             r.transformer, r.state, x_t, t, r.cond[idx], r.anchor[idx], r.tokens[idx], r.rotary, c_pre)
         target = negative_guidance_target(v_cond, v_anchor, args.eta)
+        if use_pre:  # with one candidate a sample (the default), that one; else the nearest (--preserve-nearest)
+            rows, k = torch.arange(len(idx), device=idx.device), nearest_candidate(v_pre, v_cond)
+            v_pre, c_pre = v_pre[rows, k], c_pre[rows, k]
         # 6. Concept masks from the teacher's attention
         masks = [concept_mask(a, r.grid, args.mask_threshold, r.has_concept[idx]) for a in attention]
     with timer("student forward and backward"):
@@ -604,8 +622,8 @@ def train(args, pipe, embeds, tokens, log=print, checkpoint=None):
 
 # Settings that change the result: a run resumes only if they are as they were.
 RESULT_SETTINGS = ("concept", "model", "num_prompts", "prompts_file", "refiner", "no_augment", "preserve", "eta",
-                   "anchor", "loc_weight", "pres_weight", "mask_threshold", "xt", "xt_prompt", "xt_steps", "guidance",
-                   "rank", "lr", "batch_size", "num_frames", "height", "width", "seed")
+                   "anchor", "loc_weight", "pres_weight", "preserve_nearest", "mask_threshold", "xt", "xt_prompt",
+                   "xt_steps", "guidance", "rank", "lr", "batch_size", "num_frames", "height", "width", "seed")
 
 
 def result_settings(args):
@@ -663,13 +681,14 @@ def main(argv=None):
     if not prompts:
         raise UserError(f"no prompt names '{args.concept}': check --prompts-file or drop --refiner")
     print(f"# 2. Built {len(prompts)} prompts that carry '{args.concept}', e.g.:")
+    per = len(preserved) // len(prompts)
     for i in range(min(3, len(prompts))):
-        print(f"     c = {prompts[i]!r}\n       anchor = {anchors[i]!r}, c_pre = {preserved[i]!r}")
+        print(f"     c = {prompts[i]!r}\n       anchor = {anchors[i]!r}, c_pre = {preserved[i * per]!r}")
 
     # 3. Encode the prompts once, then free the text encoder
     tokens, embeds = encode_run_prompts(pipe, args.concept, prompts, anchors, preserved)
     free_text_encoder_and_vae(pipe)
-    print(f"# 3. Encoded {3 * len(prompts) + 1} prompts; freed the text encoder and the VAE")
+    print(f"# 3. Encoded {2 * len(prompts) + len(preserved) + 1} prompts; freed the text encoder and the VAE")
 
     # 4-8. x_t, teacher velocities, concept masks, losses and the training loop
     def checkpoint(r, steps_done, history):  # the partial eraser too, usable (with a warning) meanwhile
