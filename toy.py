@@ -39,6 +39,7 @@ SYNONYMS = {  # every word the model draws as each colour
 }
 WORD_TO_COLOUR = {w: c for c, words in SYNONYMS.items() for w in words}
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows downwards
+SQUARES_PER_SCENE = (1, 1, 1, 2, 2)  # a random scene draws its number of squares from these: two in five have two
 
 
 def random_scene(rng, num_squares=None, colours=None, directions=None):
@@ -46,7 +47,7 @@ def random_scene(rng, num_squares=None, colours=None, directions=None):
 
     Colours and directions are random unless given (one per square).
     """
-    n = len(colours) if colours else num_squares or rng.choice([1, 1, 1, 2, 2])
+    n = len(colours) if colours else num_squares or rng.choice(SQUARES_PER_SCENE)
     colours = colours or rng.sample(sorted(PALETTE), n)
     while True:
         squares = []
@@ -161,7 +162,7 @@ def augmentation_templates(rng, n=64, concept=""):
     templates = []
     for _ in range(n):
         if erased:
-            others = rng.sample([c for c in sorted(PALETTE) if c != erased], rng.choice([1, 1, 1, 2, 2]) - 1)
+            others = rng.sample([c for c in sorted(PALETTE) if c != erased], rng.choice(SQUARES_PER_SCENE) - 1)
             scene = random_scene(rng, colours=[erased] + others)
         else:
             scene = random_scene(rng)
