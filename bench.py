@@ -115,7 +115,7 @@ def measure(size, frames, height, width, device, phase, repeats, extra):
         parts.setdefault(name, []).append(time.perf_counter() - start)
 
     idx = torch.arange(args.batch_size, device=device)
-    x_t, t = r.xt.draw(idx)  # latents like those a step trains on, made outside the floor's timing
+    x_t, t, _ = r.xt.draw(idx)  # latents like those a step trains on, made outside the floor's timing
 
     def floor():  # backpropagated as the step does: the concept's rows, then the preservation rows
         for embeds in (r.cond[idx], r.pre[idx, 0]):

@@ -143,11 +143,18 @@ def test_nearest_candidate_is_the_preserved_prompt_closest_to_the_concept():
     v_pre = torch.ones(2, 5, 3, 4) * torch.tensor([3.0, -2.0, 0.5, -0.7, 4.0])[None, :, None, None]
     v_pre[1, 4] = 0.1  # sample 1: the last candidate is nearest
     assert unlearn.nearest_candidate(v_pre, v_cond).tolist() == [2, 4]
-    args = unlearn.parse_args(["--model", "toy", "--concept", "red", "--num-prompts", "8", "--preserve-nearest"])
+
+
+def test_preserve_nearest_candidates_never_name_what_the_prompt_already_shows(tmp_path):
+    (tmp_path / "p.txt").write_text("a red square moving left and an amber box moving up\n")
+    args = unlearn.parse_args(["--model", "toy", "--concept", "red", "--no-augment", "--preserve-nearest",
+                               "--prompts-file", str(tmp_path / "p.txt")])
     prompts, _, preserved = unlearn.build_prompts(args, random.Random(0))
-    per = len(unlearn.default_preserve("toy", "red"))
-    assert len(preserved) == per * len(prompts)  # every candidate, prompt by prompt
-    assert preserved[:per] == [unlearn.substitute(prompts[0], "red", w) for w in unlearn.default_preserve("toy", "red")]
+    words = unlearn.default_preserve("toy", "red")
+    assert prompts == ["red", "a red square moving left and an amber box moving up"]
+    assert preserved[:len(words)] == words  # the bare concept: every candidate, one each
+    in_reds_place = [p.split()[1] for p in preserved[len(words):]]
+    assert len(in_reds_place) == len(words) and set(in_reds_place) == set(words) - {"orange", "amber"}
 
 
 def test_localization_loss_is_zero_inside_the_mask_and_counts_outside():
@@ -285,6 +292,24 @@ def test_x_t_comes_from_the_trajectories_of_the_chosen_prompts(tiny_dir, tmp_pat
     assert not torch.allclose(pools["concept"][-1], pools["anchor"][-1])  # ... sampled with other prompts
 
 
+def test_preserve_nearest_takes_at_each_pool_entry_the_candidate_nearest_the_concept(tmp_path):
+    pipe = unlearn.load_base_pipeline("toy", "cpu")
+    args = unlearn.parse_args(["--model", "toy", "--concept", "red", "--num-prompts", "4", "--preserve-nearest",
+                               "--output-dir", str(tmp_path)])
+    prompts, anchors, preserved = unlearn.build_prompts(args, random.Random(0))
+    tokens, embeds = unlearn.encode_run_prompts(pipe, "red", prompts, anchors, preserved)
+    r = unlearn.setup_training(args, pipe, embeds, tokens, log=lambda *_: None)
+    assert len(r.nearest.unique()) > 1  # the choice depends on the prompt and the step: the check below has teeth
+    with torch.no_grad():  # the zero erasers change nothing: a plain forward, one prompt at a time
+        for k, t in enumerate(pipe.scheduler.timesteps):
+            for i in range(len(prompts)):
+                v = [pipe.transformer(hidden_states=r.xt.pool[k, i:i + 1], encoder_hidden_states=e[None],
+                                      timestep=t[None], image_rotary_emb=r.rotary, return_dict=False)[0]
+                     for e in (r.cond[i], *r.pre[i])]
+                distance = torch.stack([(v_pre - v[0]).pow(2).mean() for v_pre in v[1:]])
+                assert distance[r.nearest[k, i]] <= distance.min() * (1 + 1e-4), (k, i, distance)
+
+
 def test_unlearn_then_load_pipeline_on_tiny_configs(tiny_dir, tmp_path):
     out = tmp_path / "eraser"
     unlearn.main(["--model", tiny_dir, "--concept", "red", "--output-dir", str(out), "--steps", "2",
@@ -351,6 +376,7 @@ def test_erasing_red_keeps_orange_and_motion(red_reports):
     (["--model", "toy", "--concept", "  "], "--concept is empty"),
     (["--model", "toy", "--concept", "nudity"], "knows no word of 'nudity'"),
     (["--model", "no/such-model-anywhere", "--concept", "red"], "cannot load model"),
+    (["--model", "toy", "--concept", "red", "--preserve-nearest", "--xt", "sample"], "use it with --xt pool"),
 ])
 def test_bad_unlearn_input_gets_one_line_and_exit_2(argv, says, tmp_path):
     out = tmp_path / "out"

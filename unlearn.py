@@ -62,8 +62,8 @@ def build_parser():
     g.add_argument("--loc-weight", type=float, default=0.1, help="alpha, localization loss weight (0 = off)")
     g.add_argument("--pres-weight", type=float, default=1.0, help="beta, preservation loss weight (0 = off)")
     g.add_argument("--preserve-nearest", action="store_true",
-                   help="L_pre on, per sample, the preserved prompt the frozen model confuses most with the concept "
-                        "at x_t (default: one drawn at random per prompt); costs a teacher row per preserved prompt")
+                   help="L_pre on the preserved prompt the frozen model confuses most with the concept at x_t, "
+                        "found once per pool entry (default: one drawn at random per prompt)")
     g.add_argument("--mask-threshold", type=float, default=0.1, help="concept mask threshold after min-max (0-1)")
     g.add_argument("--xt", choices=["pool", "sample", "renoise"], default="pool",
                    help="how x_t is made: a pool of the frozen model's trajectories made once (default), "
@@ -100,6 +100,8 @@ def parse_args(argv=None):
     if not (args.lr > 0 and args.eta >= 0 and args.loc_weight >= 0 and args.pres_weight >= 0
             and 0 <= args.mask_threshold < 1):
         raise UserError("--lr must be > 0; --eta, --loc-weight, --pres-weight >= 0; --mask-threshold in [0, 1)")
+    if args.preserve_nearest and args.xt != "pool":
+        raise UserError("--preserve-nearest chooses c_pre once per entry of the x_t pool: use it with --xt pool")
     args.output_dir = args.output_dir or os.path.join("erasers", re.sub(r"\W+", "_", args.concept.lower()))
     return args
 
@@ -192,6 +194,16 @@ def default_preserve(model, concept):
     return PRESERVE.get(concept.lower(), GENERIC_PRESERVE)
 
 
+def already_named(model, prompt, concept, word):
+    """Whether `prompt` names `word` beside the concept (on the toy, any word of the same colour)."""
+    words = [word]
+    if is_toy(model):
+        from toy import SYNONYMS, WORD_TO_COLOUR
+        words = SYNONYMS.get(WORD_TO_COLOUR.get(word.lower()), words)
+    rest = substitute(prompt, concept, "")
+    return any(re.search(rf"\b{re.escape(w)}\b", rest, re.IGNORECASE) for w in words)
+
+
 def substitute(prompt, concept, text):
     """The prompt with every mention of the concept replaced by `text` (removed when empty)."""
     out = re.sub(rf"\b{re.escape(concept)}\b", text, prompt, flags=re.IGNORECASE)
@@ -240,9 +252,15 @@ def build_prompts(args, rng):
         prompts = refine_prompts(prompts, args.concept, args.refiner) or prompts
     preserve = args.preserve or default_preserve(args.model, args.concept)
     anchors = ["" if args.anchor == "empty" else substitute(p, args.concept, "") for p in prompts]
-    # c_pre: the prompt with something to keep in the concept's place; every candidate under --preserve-nearest
-    preserved = [substitute(p, args.concept, w) for p in prompts
-                 for w in (preserve if args.preserve_nearest else [rng.choice(preserve)])]
+    # c_pre: the prompt with something to keep in the concept's place: one drawn at random, or every candidate
+    # under --preserve-nearest, none that the prompt already names: the nearest, kept at every step, taught the
+    # erasers to keep red beside orange via "an orange square and an orange box" (README, "Choices").
+    if not args.preserve_nearest:
+        return prompts, anchors, [substitute(p, args.concept, rng.choice(preserve)) for p in prompts]
+    preserved = []
+    for p in prompts:
+        fits = [w for w in preserve if not already_named(args.model, p, args.concept, w)] or preserve
+        preserved += [substitute(p, args.concept, fits[i % len(fits)]) for i in range(len(preserve))]
     return prompts, anchors, preserved
 
 
@@ -336,17 +354,17 @@ class NoisyLatents:
                               self.uncond.expand(len(idx), -1, -1), self.rotary, self.guidance, steps)
 
     def draw(self, idx):
-        """x_t (B, F', C, H', W') and timesteps t (B,) for the prompts `idx`."""
+        """x_t (B, F', C, H', W'), timesteps t (B,) and the sampling step k (None for 'renoise') for `idx`."""
         n = len(self.scheduler.timesteps)
         if self.kind == "renoise":
             t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(idx),), generator=self.gen,
                               device=self.gen.device)
             x0 = self.pool[-1, idx]
             noise = torch.randn(x0.shape, generator=self.gen, device=self.gen.device, dtype=x0.dtype)
-            return self.scheduler.add_noise(x0, noise, t), t
+            return self.scheduler.add_noise(x0, noise, t), t, None
         k = int(torch.randint(0, n, (1,), generator=self.gen, device=self.gen.device))
         x_t = self.pool[k, idx] if self.kind == "pool" else self._sample(idx, k)[-1]
-        return x_t, self.scheduler.timesteps[k].expand(len(idx))
+        return x_t, self.scheduler.timesteps[k].expand(len(idx)), k
 
 
 # -----------------------------------------------------------------------------
@@ -543,6 +561,7 @@ def setup_training(args, pipe, embeds, tokens, log=print):
     r.xt = NoisyLatents(args.xt, r.transformer, pipe.scheduler, trajectories, embeds["empty"], r.rotary, shape,
                         args.guidance, args.xt_steps, r.gen)
     r.state.enabled = True
+    r.nearest = nearest_preserved(r) if r.pre.shape[1] > 1 else None
 
     # 8. AdamW on the erasers alone, with gradient checkpointing of whole blocks
     r.transformer.enable_gradient_checkpointing()
@@ -550,23 +569,36 @@ def setup_training(args, pipe, embeds, tokens, log=print):
     return r
 
 
+def nearest_preserved(r):
+    """--preserve-nearest: for each pool entry (step k, prompt i), the candidate c_pre whose v* is nearest
+    v*(x_t, c): the thing to keep that the frozen model confuses most with the concept there. (K, N)."""
+    steps, n, b = len(r.xt.scheduler.timesteps), len(r.cond), r.args.batch_size
+    table = torch.empty(steps, n, dtype=torch.long, device=r.cond.device)
+    for k in tqdm(range(steps), desc="nearest c_pre"):
+        for i in torch.arange(n, device=r.cond.device).split(b):
+            t = r.xt.scheduler.timesteps[k].expand(len(i))
+            v_cond, _, v_pre, _ = teacher_pass(r.transformer, r.state, r.xt.pool[k, i], t, r.cond[i], r.anchor[i],
+                                               r.tokens[i], r.rotary, r.pre[i])
+            table[k, i] = nearest_candidate(v_pre, v_cond)
+    return table
+
+
 def unlearning_step(r, timer=no_timer):
     """One optimizer step of steps 4-8 on a random batch of prompts; returns the loss terms."""
     args, use_pre = r.args, r.args.pres_weight > 0
     idx = torch.randint(0, len(r.cond), (args.batch_size,), generator=r.gen, device=r.gen.device)
     with timer("x_t"):
-        x_t, t = r.xt.draw(idx)
+        x_t, t, k = r.xt.draw(idx)
     # Preservation at the same x_t (METHOD.md's L_pre). Measured on the toy, c_pre at its own
     # trajectories' x_t erased red in two-square scenes far less: README, "Choices".
-    c_pre = r.pre[idx] if use_pre else None
+    # Its prompt: the one candidate (the default), or the nearest at this pool entry (--preserve-nearest).
+    c_pre = r.pre[idx, 0 if r.nearest is None else r.nearest[k, idx]] if use_pre else None
     with timer("teacher and masks"):
         # 5. Teacher velocities and the negatively guided target (Eq. 1)
-        v_cond, v_anchor, v_pre, attention = teacher_pass(
-            r.transformer, r.state, x_t, t, r.cond[idx], r.anchor[idx], r.tokens[idx], r.rotary, c_pre)
+        v_cond, v_anchor, v_pre, attention = teacher_pass(r.transformer, r.state, x_t, t, r.cond[idx],
+                                                          r.anchor[idx], r.tokens[idx], r.rotary,
+                                                          None if c_pre is None else c_pre[:, None])
         target = negative_guidance_target(v_cond, v_anchor, args.eta)
-        if use_pre:  # with one candidate a sample (the default), that one; else the nearest (--preserve-nearest)
-            rows, k = torch.arange(len(idx), device=idx.device), nearest_candidate(v_pre, v_cond)
-            v_pre, c_pre = v_pre[rows, k], c_pre[rows, k]
         # 6. Concept masks from the teacher's attention
         masks = [concept_mask(a, r.grid, args.mask_threshold, r.has_concept[idx]) for a in attention]
     with timer("student forward and backward"):
@@ -580,7 +612,7 @@ def unlearning_step(r, timer=no_timer):
         (loss_unlearn + args.loc_weight * loss_loc).backward()
         loss_pre = torch.zeros_like(loss_loc)
         if use_pre:
-            loss_pre = preservation_loss(student_pass(r.transformer, r.state, x_t, t, c_pre, r.rotary), v_pre)
+            loss_pre = preservation_loss(student_pass(r.transformer, r.state, x_t, t, c_pre, r.rotary), v_pre[:, 0])
             (args.pres_weight * loss_pre).backward()
     with timer("optimizer"):
         r.opt.step()
