@@ -194,14 +194,13 @@ def default_preserve(model, concept):
     return PRESERVE.get(concept.lower(), GENERIC_PRESERVE)
 
 
-def already_named(model, prompt, concept, word):
-    """Whether `prompt` names `word` beside the concept (on the toy, any word of the same colour)."""
+def already_named(model, text, word):
+    """Whether `text` names `word` (on the toy, any word of the same colour)."""
     words = [word]
     if is_toy(model):
         from toy import SYNONYMS, WORD_TO_COLOUR
         words = SYNONYMS.get(WORD_TO_COLOUR.get(word.lower()), words)
-    rest = substitute(prompt, concept, "")
-    return any(re.search(rf"\b{re.escape(w)}\b", rest, re.IGNORECASE) for w in words)
+    return any(re.search(rf"\b{re.escape(w)}\b", text, re.IGNORECASE) for w in words)
 
 
 def substitute(prompt, concept, text):
@@ -259,7 +258,8 @@ def build_prompts(args, rng):
         return prompts, anchors, [substitute(p, args.concept, rng.choice(preserve)) for p in prompts]
     preserved = []
     for p in prompts:
-        fits = [w for w in preserve if not already_named(args.model, p, args.concept, w)] or preserve
+        rest = substitute(p, args.concept, "")  # what the prompt names beside the concept
+        fits = [w for w in preserve if not already_named(args.model, rest, w)] or preserve
         preserved += [substitute(p, args.concept, fits[i % len(fits)]) for i in range(len(preserve))]
     return prompts, anchors, preserved
 
