@@ -503,7 +503,8 @@ def main():
     parser.add_argument("--steps", type=int, default=3000, help="transformer training steps (default 3000)")
     parser.add_argument("--scenes", type=int, default=4000, help="training scenes encoded once (default 4000)")
     parser.add_argument("--mix", type=float, nargs=2, default=[0.0, 0.0], metavar=("GIVEN", "HINTED"),
-                        help="shares of clips with the first frame given / hinted (default 0 0; README, toy world)")
+                        help="shares of clips with the first frame given / hinted "
+                             "(default 0 0; docs/experiments.md, section 2)")
     parser.add_argument("--given-t-min", type=int, default=600,
                         help="under --mix, a given clip's noise level is drawn from t >= this "
                              f"(0-{TRAIN_TIMESTEPS - 1}; default 600)")
