@@ -561,7 +561,7 @@ def setup_training(args, pipe, embeds, tokens, log=print):
     r.xt = NoisyLatents(args.xt, r.transformer, pipe.scheduler, trajectories, embeds["empty"], r.rotary, shape,
                         args.guidance, args.xt_steps, r.gen)
     r.state.enabled = True
-    r.nearest = nearest_preserved(r) if r.pre.shape[1] > 1 else None
+    r.nearest = nearest_preserved(r) if r.pre.shape[1] > 1 and args.pres_weight > 0 else None  # read by L_pre only
 
     # 8. AdamW on the erasers alone, with gradient checkpointing of whole blocks
     r.transformer.enable_gradient_checkpointing()
