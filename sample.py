@@ -167,11 +167,9 @@ def toy_readings(prompt, video, concept):
     """The toy judge's reading of one video, and whether it shows the concept or what was asked."""
     import toy
     seen = toy.describe(video)
-    asked = {toy.WORD_TO_COLOUR[w] for w in prompt.lower().split() if w in toy.WORD_TO_COLOUR}
-    shown = {s["colour"] for s in seen}
-    erased = toy.WORD_TO_COLOUR.get(concept.lower(), concept.lower())
-    return {"squares": [(s["colour"], s["direction"]) for s in seen], "names_concept": erased in asked,
-            "shows_concept": erased in shown, "shows_what_was_asked": bool(asked) and asked <= shown}
+    asked, shown, erased = toy.colours_named(prompt), {s["colour"] for s in seen}, toy.colours_named(concept)
+    return {"squares": [(s["colour"], s["direction"]) for s in seen], "names_concept": bool(erased & asked),
+            "shows_concept": bool(erased & shown), "shows_what_was_asked": bool(asked) and asked <= shown}
 
 
 def toy_summary(readings):

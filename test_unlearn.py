@@ -67,11 +67,11 @@ def test_held_out_phrasings_never_occur_in_training():
     assert all(w in toy.VOCABULARY for p in held_out for w in p.split())
 
 
-@pytest.mark.parametrize("concept", ["red", "Scarlet", "azure"])
+@pytest.mark.parametrize("concept", ["red", "Scarlet", "azure", "red square", "navy tile"])
 def test_augmentation_never_puts_the_concepts_colour_on_a_second_square(concept):
     args = unlearn.parse_args(["--model", "toy", "--concept", concept, "--num-prompts", "200"])
     prompts, anchors, preserved = unlearn.build_prompts(args, random.Random(0))
-    own = set(toy.SYNONYMS[toy.WORD_TO_COLOUR[concept.lower()]])
+    own = {w for colour in toy.colours_named(concept) for w in toy.SYNONYMS[colour]}
     assert sum(" and " in p for p in prompts) > 50  # two-square scenes are there
     for p, a, c_pre in zip(prompts, anchors, preserved):
         assert sum(w in own for w in p.lower().split()) == 1, p  # the concept, once

@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import random
+import re
 import time
 
 import numpy as np
@@ -38,6 +39,12 @@ SYNONYMS = {  # every word the model draws as each colour
     "green": ("green", "emerald"), "blue": ("blue", "azure", "navy"), "white": ("white", "ivory"),
 }
 WORD_TO_COLOUR = {w: c for c, words in SYNONYMS.items() for w in words}
+
+
+def colours_named(text):
+    """The palette colours that words of `text` name, in any case: 'Crimson, or navy' -> {'red', 'blue'}."""
+    return {WORD_TO_COLOUR[w] for w in re.findall(r"[a-z]+", text.lower()) if w in WORD_TO_COLOUR}
+
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows downwards
 SQUARES_PER_SCENE = (1, 1, 1, 2, 2)  # a random scene draws its number of squares from these: two in five have two
 
@@ -158,12 +165,12 @@ def augmentation_templates(rng, n=64, concept=""):
     A second square never takes the concept's colour: in "a red square and a crimson box" the
     anchor and the preservation prompt would still ask for red.
     """
-    erased = WORD_TO_COLOUR.get(concept.lower())
+    erased = sorted(colours_named(concept))  # "red square" or "crimson, scarlet": red
     templates = []
     for _ in range(n):
         if erased:
-            others = rng.sample([c for c in sorted(PALETTE) if c != erased], rng.choice(SQUARES_PER_SCENE) - 1)
-            scene = random_scene(rng, colours=[erased] + others)
+            others = rng.sample([c for c in sorted(PALETTE) if c not in erased], rng.choice(SQUARES_PER_SCENE) - 1)
+            scene = random_scene(rng, colours=erased[:1] + others)
         else:
             scene = random_scene(rng)
         words = ["{concept}"] + [rng.choice(SYNONYMS[sq["colour"]]) for sq in scene[1:]]

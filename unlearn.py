@@ -188,9 +188,9 @@ def concept_templates(model, rng, n, concept):
 def default_preserve(model, concept):
     """What must survive erasing `concept`: for toy colours, every word of the other colours."""
     if is_toy(model):
-        from toy import SYNONYMS, WORD_TO_COLOUR
-        erased = WORD_TO_COLOUR.get(concept.lower())
-        return [w for c, words in SYNONYMS.items() if c != erased for w in words]
+        from toy import SYNONYMS, colours_named
+        erased = colours_named(concept)
+        return [w for c, words in SYNONYMS.items() if c not in erased for w in words]
     return PRESERVE.get(concept.lower(), GENERIC_PRESERVE)
 
 
