@@ -375,6 +375,7 @@ def test_erasing_red_keeps_orange_and_motion(red_reports):
 @pytest.mark.parametrize("argv, says", [
     (["--model", "toy", "--concept", "  "], "--concept is empty"),
     (["--model", "toy", "--concept", "nudity"], "knows no word of 'nudity'"),
+    (["--model", "toy", "--concept", "Crimson"], "(it knows 'crimson': words are case-sensitive)"),
     (["--model", "no/such-model-anywhere", "--concept", "red"], "cannot load model"),
     (["--model", "toy", "--concept", "red", "--preserve-nearest", "--xt", "sample"], "use it with --xt pool"),
 ])

@@ -271,8 +271,10 @@ def concept_tokens(tokenizer, prompts, concept, length):
     """(N, length) float: 1 at the tokens that spell the concept in each prompt."""
     pieces = [tokenizer(w, add_special_tokens=False).input_ids for w in concept.split()]
     if all(i == tokenizer.unk_token_id for piece in pieces for i in piece):
+        lower = set(tokenizer(concept.lower(), add_special_tokens=False).input_ids) - {tokenizer.unk_token_id}
+        hint = f" (it knows '{concept.lower()}': words are case-sensitive)" if lower else ""
         raise UserError(f"the model's tokenizer knows no word of '{concept}', so no prompt can name it; "
-                        "pick a concept in the model's vocabulary")
+                        f"pick a concept in the model's vocabulary{hint}")
     ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
     marks = torch.zeros(len(prompts), length)
     for row, seq in enumerate(ids):
