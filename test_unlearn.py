@@ -176,6 +176,8 @@ def test_concept_tokens_found_and_unknown_concept_refused(toy_pipe):
     tok = toy_pipe.tokenizer
     marks = unlearn.concept_tokens(tok, ["a red square moving left", "a blue box"], "red", 226)
     assert marks[0].nonzero().flatten().tolist() == [1] and marks[1].sum() == 0
+    marks = unlearn.concept_tokens(tok, ["a red square and a blue box", "a red tile", "a square"], "a red square", 226)
+    assert [m.nonzero().flatten().tolist() for m in marks] == [[0, 1, 2], [], []]  # the phrase, not its words
     with pytest.raises(unlearn.UserError):
         unlearn.concept_tokens(tok, ["a square"], "nudity", 226)
 

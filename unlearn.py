@@ -268,9 +268,12 @@ def build_prompts(args, rng):
 # 3. Encode the prompts once, then free the text encoder
 
 def concept_tokens(tokenizer, prompts, concept, length):
-    """(N, length) float: 1 at the tokens that spell the concept in each prompt."""
-    pieces = [tokenizer(w, add_special_tokens=False).input_ids for w in concept.split()]
-    if all(i == tokenizer.unk_token_id for piece in pieces for i in piece):
+    """(N, length) float: 1 at the tokens that spell the concept, the whole phrase, in each prompt.
+
+    The whole phrase, not each of its words: in "a red square", the word "a" elsewhere is not the concept.
+    """
+    phrase = tokenizer(concept, add_special_tokens=False).input_ids
+    if all(i == tokenizer.unk_token_id for i in phrase):
         lower = set(tokenizer(concept.lower(), add_special_tokens=False).input_ids) - {tokenizer.unk_token_id}
         hint = f" (it knows '{concept.lower()}': words are case-sensitive)" if lower else ""
         raise UserError(f"the model's tokenizer knows no word of '{concept}', so no prompt can name it; "
@@ -278,10 +281,9 @@ def concept_tokens(tokenizer, prompts, concept, length):
     ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
     marks = torch.zeros(len(prompts), length)
     for row, seq in enumerate(ids):
-        for piece in pieces:
-            for i in range(len(seq) - len(piece) + 1):
-                if seq[i:i + len(piece)] == piece:
-                    marks[row, i:i + len(piece)] = 1
+        for i in range(len(seq) - len(phrase) + 1):
+            if seq[i:i + len(phrase)] == phrase:
+                marks[row, i:i + len(phrase)] = 1
     return marks
 
 
