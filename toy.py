@@ -39,14 +39,13 @@ SYNONYMS = {  # every word the model draws as each colour
     "green": ("green", "emerald"), "blue": ("blue", "azure", "navy"), "white": ("white", "ivory"),
 }
 WORD_TO_COLOUR = {w: c for c, words in SYNONYMS.items() for w in words}
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows downwards
+SQUARES_PER_SCENE = (1, 1, 1, 2, 2)  # a random scene draws its number of squares from these: two in five have two
 
 
 def colours_named(text):
     """The palette colours that words of `text` name, in any case: 'Crimson, or navy' -> {'red', 'blue'}."""
     return {WORD_TO_COLOUR[w] for w in re.findall(r"[a-z]+", text.lower()) if w in WORD_TO_COLOUR}
-
-DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows downwards
-SQUARES_PER_SCENE = (1, 1, 1, 2, 2)  # a random scene draws its number of squares from these: two in five have two
 
 
 def random_scene(rng, num_squares=None, colours=None, directions=None):
