@@ -196,11 +196,11 @@ def default_preserve(model, concept):
 
 def already_named(model, text, word):
     """Whether `text` names `word` (on the toy, any word of the same colour)."""
-    words = [word]
     if is_toy(model):
-        from toy import SYNONYMS, WORD_TO_COLOUR
-        words = SYNONYMS.get(WORD_TO_COLOUR.get(word.lower()), words)
-    return any(re.search(rf"\b{re.escape(w)}\b", text, re.IGNORECASE) for w in words)
+        from toy import WORD_TO_COLOUR, colours_named
+        if word.lower() in WORD_TO_COLOUR:
+            return WORD_TO_COLOUR[word.lower()] in colours_named(text)
+    return bool(re.search(rf"\b{re.escape(word)}\b", text, re.IGNORECASE))
 
 
 def substitute(prompt, concept, text):
