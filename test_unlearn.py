@@ -78,7 +78,7 @@ def test_augmentation_never_puts_the_concepts_colour_on_a_second_square(concept)
         assert not own & set(a.split()) and not own & set(c_pre.split()), (a, c_pre)
 
 
-def test_toy_py_refuses_to_write_over_toy_and_bad_mix_settings(tmp_path):
+def test_toy_py_refuses_to_write_over_toy_and_bad_settings(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     before = {p: os.path.getmtime(os.path.join(HERE, "toy", p)) for p in ("model_index.json", "transformer")}
     for target in ("toy", str(tmp_path)):
@@ -88,6 +88,8 @@ def test_toy_py_refuses_to_write_over_toy_and_bad_mix_settings(tmp_path):
     assert result.returncode == 2 and "summing to at most 1" in result.stderr
     result = run("toy.py", "--mix", "0.2", "0.3", "--given-t-min", "1000")
     assert result.returncode == 2 and "from 0 to 999" in result.stderr
+    result = run("toy.py", "--direction-probe", "-1")
+    assert result.returncode == 2 and "a loss weight, at least 0" in result.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"
     assert before == {p: os.path.getmtime(os.path.join(HERE, "toy", p)) for p in before}
 

@@ -317,7 +317,8 @@ def encode_dataset(vae, rng, n, batch=32):
 
 
 def _training_batch(rng, scenes, latents, tokenizer, text_encoder, scheduler, gen, batch):
-    """A batch to train on: text (B, 226, D), latents x0, noise and timesteps; one prompt in ten empty."""
+    """A batch to train on: text (B, 226, D), latents x0, noise, timesteps, and which direction words
+    each prompt says (B, 4); one prompt in ten empty."""
     idx = [rng.randrange(len(scenes)) for _ in range(batch)]
     prompts = ["" if rng.random() < 0.1 else make_prompt(rng, scenes[i], drop=0.1) for i in idx]
     ids = tokenizer(prompts, padding="max_length", max_length=226, truncation=True, return_tensors="pt").input_ids
@@ -326,7 +327,8 @@ def _training_batch(rng, scenes, latents, tokenizer, text_encoder, scheduler, ge
     x0 = latents[idx]  # (B, F', C, H', W')
     noise = torch.randn(x0.shape, generator=gen).to(device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
-    return text, x0, noise, t
+    says = torch.tensor([[float(d in p.split()) for d in sorted(DIRECTIONS)] for p in prompts], device=device)
+    return text, x0, noise, t, says
 
 
 def _update(opt, params, loss):
@@ -337,7 +339,7 @@ def _update(opt, params, loss):
 
 
 def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng,
-                      steps=(3000, 0, 0), batch=32, lr=1e-3, gen=None, given_t_min=0, mix=(0.0, 0.0)):
+                      steps=(3000, 0, 0), batch=32, lr=1e-3, gen=None, given_t_min=0, mix=(0.0, 0.0), probe=0.0):
     """Train transformer and text encoder together on v-prediction; one prompt in ten is empty.
 
     Three stages, of steps[0], steps[1] and steps[2] steps:
@@ -348,8 +350,13 @@ def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, l
     A given frame is clean, at noise levels from `given_t_min` up only (where the noisy
     frames do not show the way); a hinted one is noised at a random fraction of t. Neither
     is trained on: the words then decide where the square goes next (issue #2).
+    `probe` > 0 adds, at that weight, a linear probe's loss that asks every text token, padding
+    included, which direction words the prompt says (the video reads the text mostly through
+    the padding: docs/experiments.md, section 2). The probe is dropped after training.
     """
     params = list(transformer.parameters()) + list(text_encoder.parameters())
+    head = torch.nn.Linear(TEXT_DIM, len(DIRECTIONS)).to(latents.device) if probe else None
+    params += list(head.parameters()) if probe else []
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     transformer.train(), text_encoder.train()
     if gen is None:
@@ -367,7 +374,7 @@ def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, l
         share_given, share_hinted = shares
         for g in opt.param_groups:
             g["lr"] = rate
-        text, x0, noise, t = _training_batch(rng, scenes, latents, tokenizer, text_encoder, scheduler, gen, batch)
+        text, x0, noise, t, says = _training_batch(rng, scenes, latents, tokenizer, text_encoder, scheduler, gen, batch)
         shown = None
         if share_given or share_hinted:  # which clips show their first latent frame, given or hinted
             u = torch.rand(batch, generator=gen)
@@ -391,7 +398,11 @@ def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, l
             loss = (weight * (v - target) ** 2).sum() / weight.sum()
         else:
             loss = F.mse_loss(v, target)
-        _update(opt, params, loss)
+        if probe:  # every token (B, 226, 4) says the prompt's direction words
+            loss_probe = F.binary_cross_entropy_with_logits(head(text), says[:, None].expand(-1, text.shape[1], -1))
+            _update(opt, params, loss + probe * loss_probe)
+        else:
+            _update(opt, params, loss)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     transformer.eval(), text_encoder.eval()
 
@@ -514,6 +525,9 @@ def main():
     parser.add_argument("--given-t-min", type=int, default=600,
                         help="under --mix, a given clip's noise level is drawn from t >= this "
                              f"(0-{TRAIN_TIMESTEPS - 1}; default 600)")
+    parser.add_argument("--direction-probe", type=float, default=0.0, metavar="WEIGHT",
+                        help="weight of a probe loss that makes every text token carry the direction words "
+                             "(default 0: off; docs/experiments.md, section 2)")
     parser.add_argument("--reuse-vae", action="store_true", help="keep the VAE of --out, train the rest anew")
     parser.add_argument("--n-eval", type=int, default=96, help="one-square videos in the quality table")
     parser.add_argument("--motion-pilot", metavar="DIR", default=None,
@@ -521,6 +535,8 @@ def main():
     args = parser.parse_args()
     if min(args.mix) < 0 or sum(args.mix) > 1:
         parser.error(f"--mix {args.mix[0]} {args.mix[1]}: shares of clips, at least 0 and summing to at most 1")
+    if args.direction_probe < 0:
+        parser.error(f"--direction-probe {args.direction_probe}: a loss weight, at least 0")
     if not 0 <= args.given_t_min < TRAIN_TIMESTEPS:
         parser.error(f"--given-t-min {args.given_t_min}: a noise level from 0 to {TRAIN_TIMESTEPS - 1}")
     if args.motion_pilot:
@@ -551,7 +567,7 @@ def main():
             rng = random.Random(args.seed + 1)
         scenes, latents = encode_dataset(vae, rng, args.scenes)
         train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng, (args.steps, 0, 0),
-                          given_t_min=args.given_t_min, mix=tuple(args.mix))
+                          given_t_min=args.given_t_min, mix=tuple(args.mix), probe=args.direction_probe)
         pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                  transformer=transformer, scheduler=scheduler)
         pipe.save_pretrained(args.out)
