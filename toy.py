@@ -317,8 +317,7 @@ def encode_dataset(vae, rng, n, batch=32):
 
 
 def _training_batch(rng, scenes, latents, tokenizer, text_encoder, scheduler, gen, batch):
-    """A batch to train on: text (B, 226, D), latents x0, noise, timesteps, and which direction words
-    each prompt says (B, 4); one prompt in ten empty."""
+    """A batch to train on: text (B, 226, D), latents x0, noise, timesteps and the prompts; one in ten empty."""
     idx = [rng.randrange(len(scenes)) for _ in range(batch)]
     prompts = ["" if rng.random() < 0.1 else make_prompt(rng, scenes[i], drop=0.1) for i in idx]
     ids = tokenizer(prompts, padding="max_length", max_length=226, truncation=True, return_tensors="pt").input_ids
@@ -327,8 +326,7 @@ def _training_batch(rng, scenes, latents, tokenizer, text_encoder, scheduler, ge
     x0 = latents[idx]  # (B, F', C, H', W')
     noise = torch.randn(x0.shape, generator=gen).to(device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
-    says = torch.tensor([[float(d in p.split()) for d in sorted(DIRECTIONS)] for p in prompts], device=device)
-    return text, x0, noise, t, says
+    return text, x0, noise, t, prompts
 
 
 def _update(opt, params, loss):
@@ -355,8 +353,9 @@ def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, l
     the padding: docs/experiments.md, section 2). The probe is dropped after training.
     """
     params = list(transformer.parameters()) + list(text_encoder.parameters())
-    head = torch.nn.Linear(TEXT_DIM, len(DIRECTIONS)).to(latents.device) if probe else None
-    params += list(head.parameters()) if probe else []
+    if probe:
+        head = torch.nn.Linear(TEXT_DIM, len(DIRECTIONS)).to(latents.device)
+        params += list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     transformer.train(), text_encoder.train()
     if gen is None:
@@ -374,7 +373,8 @@ def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, l
         share_given, share_hinted = shares
         for g in opt.param_groups:
             g["lr"] = rate
-        text, x0, noise, t, says = _training_batch(rng, scenes, latents, tokenizer, text_encoder, scheduler, gen, batch)
+        text, x0, noise, t, prompts = _training_batch(rng, scenes, latents, tokenizer, text_encoder, scheduler, gen,
+                                                      batch)
         shown = None
         if share_given or share_hinted:  # which clips show their first latent frame, given or hinted
             u = torch.rand(batch, generator=gen)
@@ -398,11 +398,12 @@ def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, l
             loss = (weight * (v - target) ** 2).sum() / weight.sum()
         else:
             loss = F.mse_loss(v, target)
-        if probe:  # every token (B, 226, 4) says the prompt's direction words
-            loss_probe = F.binary_cross_entropy_with_logits(head(text), says[:, None].expand(-1, text.shape[1], -1))
-            _update(opt, params, loss + probe * loss_probe)
-        else:
-            _update(opt, params, loss)
+        total = loss
+        if probe:  # every token (B, 226, 4) says which direction words its prompt has
+            logits = head(text)
+            says = torch.tensor([[float(d in p.split()) for d in sorted(DIRECTIONS)] for p in prompts], device=v.device)
+            total = total + probe * F.binary_cross_entropy_with_logits(logits, says[:, None].expand_as(logits))
+        _update(opt, params, total)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     transformer.eval(), text_encoder.eval()
 
