@@ -398,12 +398,12 @@ def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, l
             loss = (weight * (v - target) ** 2).sum() / weight.sum()
         else:
             loss = F.mse_loss(v, target)
-        total = loss
+        objective = loss
         if probe:  # every token (B, 226, 4) says which direction words its prompt has
             logits = head(text)
             says = torch.tensor([[float(d in p.split()) for d in sorted(DIRECTIONS)] for p in prompts], device=v.device)
-            total = total + probe * F.binary_cross_entropy_with_logits(logits, says[:, None].expand_as(logits))
-        _update(opt, params, total)
+            objective = objective + probe * F.binary_cross_entropy_with_logits(logits, says[:, None].expand_as(logits))
+        _update(opt, params, objective)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     transformer.eval(), text_encoder.eval()
 
