@@ -94,6 +94,19 @@ def test_toy_py_refuses_to_write_over_toy_and_bad_settings(tmp_path):
     assert before == {p: os.path.getmtime(os.path.join(HERE, "toy", p)) for p in before}
 
 
+def test_toy_training_stages_with_the_first_frame_shown_run_past_their_first_step():
+    torch.manual_seed(0)
+    tokenizer, text_encoder, _, transformer, scheduler = toy.build_parts()
+    rng = random.Random(0)
+    scenes = [toy.random_scene(rng) for _ in range(8)]
+    latents = torch.randn(8, 3, toy.LATENT_CHANNELS, 8, 8)
+    before = [p.detach().clone() for p in transformer.parameters()]
+    toy.train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng, steps=(0, 2, 2),
+                          batch=4, given_t_min=600, probe=0.1)
+    after = list(transformer.parameters())
+    assert all(torch.isfinite(p).all() for p in after) and any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
 @pytest.fixture(scope="session")
 def toy_pipe():
     return load_pipeline("toy")
