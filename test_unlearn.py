@@ -9,6 +9,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,6 +106,18 @@ def test_toy_training_stages_with_the_first_frame_shown_run_past_their_first_ste
                           batch=4, given_t_min=600, probe=0.1)
     after = list(transformer.parameters())
     assert all(torch.isfinite(p).all() for p in after) and any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_toy_build_with_reuse_vae_repeats_the_build_from_nothing(tmp_path):
+    from safetensors.torch import load_file
+    tiny = ["--vae-steps", "2", "2", "--steps", "2", "--scenes", "32", "--n-eval", "2"]
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert run("toy.py", "--out", str(first), *tiny).returncode == 0
+    shutil.copytree(first / "vae", again / "vae")
+    assert run("toy.py", "--out", str(again), "--reuse-vae", *tiny).returncode == 0
+    for part in ("transformer", "text_encoder"):
+        a, b = (load_file(next((d / part).glob("*.safetensors"))) for d in (first, again))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
 
 @pytest.fixture(scope="session")

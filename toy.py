@@ -529,7 +529,8 @@ def main():
     parser.add_argument("--direction-probe", type=float, default=0.0, metavar="WEIGHT",
                         help="weight of a probe loss that makes every text token carry the direction words "
                              "(default 0: off; docs/experiments.md, section 2)")
-    parser.add_argument("--reuse-vae", action="store_true", help="keep the VAE of --out, train the rest anew")
+    parser.add_argument("--reuse-vae", action="store_true",
+                        help="keep the VAE of --out, train the rest anew (as the build that made that VAE did)")
     parser.add_argument("--n-eval", type=int, default=96, help="one-square videos in the quality table")
     parser.add_argument("--motion-pilot", metavar="DIR", default=None,
                         help="fine-tune the committed toy/ with motion_pilot, save it to DIR, print its quality")
@@ -559,12 +560,12 @@ def main():
         if args.reuse_vae:
             from diffusers import AutoencoderKLCogVideoX
             vae = AutoencoderKLCogVideoX.from_pretrained(args.out, subfolder="vae")
-        else:
-            train_vae(vae, rng, tuple(args.vae_steps))
+        else:  # on a copy of the seed's stream, so that --reuse-vae on this VAE repeats the build exactly
+            train_vae(vae, random.Random(args.seed), tuple(args.vae_steps))
         colour_ok, direction_ok = check_vae(vae, rng)
         print(f"VAE reconstructions read by the judge: colour {100 * colour_ok:.0f} %, "
               f"direction {100 * direction_ok:.0f} %")
-        if any(args.mix):  # the transformer's own random stream: --reuse-vae then repeats a build from nothing
+        if any(args.mix):  # the stream the mixed builds of docs/experiments.md, section 2, were measured with
             rng = random.Random(args.seed + 1)
         scenes, latents = encode_dataset(vae, rng, args.scenes)
         train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng, (args.steps, 0, 0),
