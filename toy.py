@@ -530,7 +530,7 @@ def main():
                         help="weight of a probe loss that makes every text token carry the direction words "
                              "(default 0: off; docs/experiments.md, section 2)")
     parser.add_argument("--reuse-vae", action="store_true",
-                        help="keep the VAE of --out, train the rest anew (as the build that made that VAE did)")
+                        help="keep the VAE of --out, train the rest anew (as a build from nothing that made it)")
     parser.add_argument("--n-eval", type=int, default=96, help="one-square videos in the quality table")
     parser.add_argument("--motion-pilot", metavar="DIR", default=None,
                         help="fine-tune the committed toy/ with motion_pilot, save it to DIR, print its quality")
