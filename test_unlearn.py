@@ -79,6 +79,20 @@ def test_augmentation_never_puts_the_concepts_colour_on_a_second_square(concept)
         assert not own & set(a.split()) and not own & set(c_pre.split()), (a, c_pre)
 
 
+def test_any_folder_toy_py_built_gets_the_toys_prompts(tmp_path):
+    from transformers import T5Tokenizer
+    shutil.copytree(os.path.join(toy.TOY_DIR, "tokenizer"), tmp_path / "built" / "tokenizer")  # as `--out built`
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in toy.VOCABULARY]
+    T5Tokenizer(vocab=pieces + [("\u2581man", -1.0)], extra_ids=0).save_pretrained(tmp_path / "other" / "tokenizer")
+    made = {}
+    for model in ("toy", str(tmp_path / "built"), str(tmp_path / "other")):
+        args = unlearn.parse_args(["--model", model, "--concept", "red", "--num-prompts", "8"])
+        made[model] = unlearn.build_prompts(args, random.Random(0))
+    assert made["toy"] == made[str(tmp_path / "built")]
+    assert all(w in toy.VOCABULARY for p in made["toy"][0] for w in p.split())
+    assert made["toy"] != made[str(tmp_path / "other")]  # a tokenizer that knows more words is not the toy's
+
+
 def test_toy_py_refuses_to_write_over_toy_and_bad_settings(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     before = {p: os.path.getmtime(os.path.join(HERE, "toy", p)) for p in ("model_index.json", "transformer")}

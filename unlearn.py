@@ -18,6 +18,7 @@ The steps, in the order they run (the README and notebook.ipynb use the same num
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import math
@@ -172,8 +173,17 @@ REFINER_INSTRUCTIONS = (
     "word for word. Reply with the paragraph only.")
 
 
+@functools.lru_cache
 def is_toy(model):
-    return model == "toy" or os.path.abspath(model) == TOY
+    """'toy', or any folder toy.py built (`--out`): its tokenizer knows the toy's words and no others."""
+    if model == "toy" or os.path.abspath(model) == TOY:
+        return True
+    if not os.path.isdir(os.path.join(model, "tokenizer")):
+        return False  # a hub id: no toy
+    from transformers import AutoTokenizer
+    from toy import VOCABULARY
+    words = {w.lstrip("\u2581") for w in AutoTokenizer.from_pretrained(model, subfolder="tokenizer").get_vocab()}
+    return words - {"<pad>", "</s>", "<unk>"} == set(VOCABULARY)
 
 
 def concept_templates(model, rng, n, concept):
