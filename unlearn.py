@@ -179,7 +179,7 @@ def is_toy(model):
     if model == "toy" or os.path.abspath(model) == TOY:
         return True
     if not os.path.isdir(os.path.join(model, "tokenizer")):
-        return False  # a hub id: no toy
+        return False  # a hub id, or no pipeline folder
     from transformers import AutoTokenizer
     from toy import VOCABULARY
     words = {w.lstrip("\u2581") for w in AutoTokenizer.from_pretrained(model, subfolder="tokenizer").get_vocab()}
