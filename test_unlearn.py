@@ -80,10 +80,8 @@ def test_augmentation_never_puts_the_concepts_colour_on_a_second_square(concept)
 
 
 def test_any_folder_toy_py_built_gets_the_toys_prompts(tmp_path):
-    from transformers import T5Tokenizer
     shutil.copytree(os.path.join(toy.TOY_DIR, "tokenizer"), tmp_path / "built" / "tokenizer")  # as `--out built`
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in toy.VOCABULARY]
-    T5Tokenizer(vocab=pieces + [("\u2581man", -1.0)], extra_ids=0).save_pretrained(tmp_path / "other" / "tokenizer")
+    toy.make_tokenizer(toy.VOCABULARY + ["man"]).save_pretrained(tmp_path / "other" / "tokenizer")
     made = {}
     for model in ("toy", str(tmp_path / "built"), str(tmp_path / "other")):
         args = unlearn.parse_args(["--model", model, "--concept", "red", "--num-prompts", "8"])

@@ -100,6 +100,30 @@ PREFIXES = ("a video of", "the video of", "a clip of", "the clip of", "video of"
 FUNCTION_WORDS = ("a", "an", "the", "and", "of", "one", "to", "toward", "towards", "video", "clip")
 VOCABULARY = sorted(set(WORD_TO_COLOUR) | set(OBJECTS) | set(DIRECTIONS) | set(VERBS) | set(ADVERBS)
                     | set(ADJECTIVES) | set(FUNCTION_WORDS))
+SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
+
+
+def make_tokenizer(words=VOCABULARY):
+    """A word-level T5 tokenizer: one piece per word, so that a word it does not know is <unk>."""
+    from transformers import T5Tokenizer
+    pieces = [(t, 0.0) for t in SPECIAL_TOKENS] + [("\u2581" + w, -1.0) for w in words]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def speaks_toy(tokenizer):
+    """Whether a tokenizer knows the toy's words and no others: then its pipeline is a toy (any `--out`)."""
+    return {w.lstrip("\u2581") for w in tokenizer.get_vocab()} - set(SPECIAL_TOKENS) == set(VOCABULARY)
+
+
+def preserved_words(concept):
+    """What must survive erasing `concept` on the toy: every word of the other colours."""
+    erased = colours_named(concept)
+    return [w for c, words in SYNONYMS.items() if c not in erased for w in words]
+
+
+def names_colour(text, word):
+    """Whether `text` names the colour that `word` names, by any of its words; None if `word` is no colour."""
+    return WORD_TO_COLOUR[word.lower()] in colours_named(text) if word.lower() in WORD_TO_COLOUR else None
 
 
 def _direction_phrase(rng, d):
@@ -239,13 +263,11 @@ TRAIN_TIMESTEPS = 1000  # the scheduler's noise levels, as CogVideoX-2B's
 def build_parts():
     """Untrained tokenizer, text encoder, VAE, transformer and scheduler of the toy pipeline."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+    from transformers import T5Config, T5EncoderModel
 
-    # A word-level T5 tokenizer: one piece per word, so that a word it does not know is <unk>.
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in VOCABULARY]
-    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    tokenizer = make_tokenizer()
     text_encoder = T5EncoderModel(T5Config(
-        vocab_size=len(vocab), d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, dropout_rate=0.0))
     vae = AutoencoderKLCogVideoX(
         block_out_channels=(16, 16, 32, 32), latent_channels=LATENT_CHANNELS, layers_per_block=1,

@@ -181,9 +181,8 @@ def is_toy(model):
     if not os.path.isdir(os.path.join(model, "tokenizer")):
         return False  # a hub id, or no pipeline folder
     from transformers import AutoTokenizer
-    from toy import VOCABULARY
-    words = {w.lstrip("\u2581") for w in AutoTokenizer.from_pretrained(model, subfolder="tokenizer").get_vocab()}
-    return words - {"<pad>", "</s>", "<unk>"} == set(VOCABULARY)
+    from toy import speaks_toy
+    return speaks_toy(AutoTokenizer.from_pretrained(model, subfolder="tokenizer"))
 
 
 def concept_templates(model, rng, n, concept):
@@ -198,18 +197,18 @@ def concept_templates(model, rng, n, concept):
 def default_preserve(model, concept):
     """What must survive erasing `concept`: for toy colours, every word of the other colours."""
     if is_toy(model):
-        from toy import SYNONYMS, colours_named
-        erased = colours_named(concept)
-        return [w for c, words in SYNONYMS.items() if c not in erased for w in words]
+        from toy import preserved_words
+        return preserved_words(concept)
     return PRESERVE.get(concept.lower(), GENERIC_PRESERVE)
 
 
 def already_named(model, text, word):
     """Whether `text` names `word` (on the toy, any word of the same colour)."""
     if is_toy(model):
-        from toy import WORD_TO_COLOUR, colours_named
-        if word.lower() in WORD_TO_COLOUR:
-            return WORD_TO_COLOUR[word.lower()] in colours_named(text)
+        from toy import names_colour
+        named = names_colour(text, word)  # None if `word` is no colour
+        if named is not None:
+            return named
     return bool(re.search(rf"\b{re.escape(word)}\b", text, re.IGNORECASE))
 
 
