@@ -121,11 +121,6 @@ def preserved_words(concept):
     return [w for c, words in SYNONYMS.items() if c not in erased for w in words]
 
 
-def names_colour(text, word):
-    """Whether `text` names the colour that `word` names, by any of its words; None if `word` is no colour."""
-    return WORD_TO_COLOUR[word.lower()] in colours_named(text) if word.lower() in WORD_TO_COLOUR else None
-
-
 def _direction_phrase(rng, d):
     if d in ("up", "down"):
         return d

@@ -205,10 +205,9 @@ def default_preserve(model, concept):
 def already_named(model, text, word):
     """Whether `text` names `word` (on the toy, any word of the same colour)."""
     if is_toy(model):
-        from toy import names_colour
-        named = names_colour(text, word)  # None if `word` is no colour
-        if named is not None:
-            return named
+        from toy import WORD_TO_COLOUR, colours_named
+        if word.lower() in WORD_TO_COLOUR:
+            return WORD_TO_COLOUR[word.lower()] in colours_named(text)
     return bool(re.search(rf"\b{re.escape(word)}\b", text, re.IGNORECASE))
 
 
