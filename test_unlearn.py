@@ -103,6 +103,10 @@ def test_toy_py_refuses_to_write_over_toy_and_bad_settings(tmp_path):
     assert result.returncode == 2 and "from 0 to 999" in result.stderr
     result = run("toy.py", "--direction-probe", "-1")
     assert result.returncode == 2 and "a loss weight, at least 0" in result.stderr
+    result = run("toy.py", "--direction-probe", "0.1", "--probe-until", "0")
+    assert result.returncode == 2 and "a rise of the loss, above 0" in result.stderr
+    result = run("toy.py", "--probe-until", "0.05")  # without the probe it would stop
+    assert result.returncode == 2 and "with --direction-probe" in result.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"
     assert before == {p: os.path.getmtime(os.path.join(HERE, "toy", p)) for p in before}
 
@@ -118,6 +122,22 @@ def test_toy_training_stages_with_the_first_frame_shown_run_past_their_first_ste
                           batch=4, given_t_min=600, probe=0.1)
     after = list(transformer.parameters())
     assert all(torch.isfinite(p).all() for p in after) and any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_direction_gap_is_zero_when_the_words_are_not_read_and_counts_when_they_are():
+    torch.manual_seed(0)
+    tokenizer, text_encoder, _, transformer, scheduler = toy.build_parts()
+    rng = random.Random(0)
+    scenes = [toy.random_scene(rng, 1) for _ in range(4)]
+    latents = torch.randn(4, 3, toy.LATENT_CHANNELS, 8, 8)
+    check = toy.direction_check(scenes, latents, tokenizer, rng, n=4)
+    ids = check[-1]
+    said = [tokenizer.decode(row, skip_special_tokens=True).split() for row in ids]
+    for words, swapped in zip(said[:4], said[4:]):  # the same prompt, every direction word its opposite
+        assert swapped == [toy.OPPOSITE.get(w, w) for w in words] and swapped != words
+    assert toy.direction_gap(transformer, text_encoder, scheduler, check) != 0  # a random model reads every word
+    torch.nn.init.zeros_(transformer.patch_embed.text_proj.weight)  # now the text reaches nothing
+    assert toy.direction_gap(transformer, text_encoder, scheduler, check) == 0
 
 
 def test_toy_build_with_reuse_vae_repeats_the_build_from_nothing(tmp_path):

@@ -354,7 +354,8 @@ def _update(opt, params, loss):
 
 
 def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng,
-                      steps=(3000, 0, 0), batch=32, lr=1e-3, gen=None, given_t_min=0, mix=(0.0, 0.0), probe=0.0):
+                      steps=(3000, 0, 0), batch=32, lr=1e-3, gen=None, given_t_min=0, mix=(0.0, 0.0), probe=0.0,
+                      probe_until=None):
     """Train transformer and text encoder together on v-prediction; one prompt in ten is empty.
 
     Three stages, of steps[0], steps[1] and steps[2] steps:
@@ -367,7 +368,10 @@ def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, l
     is trained on: the words then decide where the square goes next (issue #2).
     `probe` > 0 adds, at that weight, a linear probe's loss that asks every text token, padding
     included, which direction words the prompt says (the video reads the text mostly through
-    the padding: docs/experiments.md, section 2). The probe is dropped after training.
+    the padding: docs/experiments.md, section 2). With `probe_until` set, the probe stops once
+    the model reads the direction words: once swapping each for its opposite raises the loss
+    by that much (`direction_gap`, every 50 steps); what it taught outlives it. The probe is
+    dropped after training.
     """
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     if probe:
@@ -379,8 +383,16 @@ def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, l
         gen = torch.Generator().manual_seed(rng.randint(0, 2**31))
     total = scheduler.config.num_train_timesteps
     plain, given, hinted = steps
+    probing, gap = bool(probe), None
+    if probing and probe_until is not None:
+        check = direction_check(scenes, latents, tokenizer, random.Random(rng.random()))
     bar = tqdm(range(plain + given + hinted), desc="transformer")
     for step in bar:
+        if probing and probe_until is not None and step % 50 == 0 and step >= 200:
+            gap = direction_gap(transformer, text_encoder, scheduler, check)
+            probing = gap < probe_until
+            if not probing:
+                print(f"\nThe model reads the direction words at step {step} (gap {gap:.3f}): probe off")
         if step < plain:  # the lr, and the shares of clips with the first frame given and hinted
             rate, shares = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / plain)), mix
         elif step < plain + given:
@@ -416,13 +428,39 @@ def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, l
         else:
             loss = F.mse_loss(v, target)
         objective = loss
-        if probe:  # every token (B, 226, 4) says which direction words its prompt has
+        if probing:  # every token (B, 226, 4) says which direction words its prompt has
             logits = head(text)
             says = torch.tensor([[float(d in p.split()) for d in sorted(DIRECTIONS)] for p in prompts], device=v.device)
             objective = objective + probe * F.binary_cross_entropy_with_logits(logits, says[:, None].expand_as(logits))
         _update(opt, params, objective)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", **({} if gap is None else {"gap": f"{gap:.3f}"}))
     transformer.eval(), text_encoder.eval()
+
+
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def direction_check(scenes, latents, tokenizer, rng, n=32, t=700):
+    """A fixed batch for `direction_gap`: n one-square clips, their prompts, and the prompts with
+    each direction word swapped for its opposite, as token ids; fixed noise at timestep t."""
+    idx = [i for i, s in enumerate(scenes) if len(s) == 1][:n]
+    prompts = [make_prompt(rng, scenes[i]) for i in idx]
+    swapped = [" ".join(OPPOSITE.get(w, w) for w in p.split()) for p in prompts]
+    ids = tokenizer(prompts + swapped, padding="max_length", max_length=226, truncation=True,
+                    return_tensors="pt").input_ids.to(latents.device)
+    noise = torch.randn(latents[idx].shape, generator=torch.Generator().manual_seed(rng.randint(0, 2**31)))
+    return latents[idx], noise.to(latents.device), torch.full((len(idx),), t, device=latents.device), ids
+
+
+@torch.no_grad()
+def direction_gap(transformer, text_encoder, scheduler, check):
+    """How much the v-prediction loss rises when every direction word says the opposite (0: words unread)."""
+    x0, noise, t, ids = check
+    text = text_encoder(ids)[0]
+    x_t, target = scheduler.add_noise(x0, noise, t), scheduler.get_velocity(x0, noise, t)
+    losses = [((transformer(hidden_states=x_t, encoder_hidden_states=half, timestep=t, return_dict=False)[0] - target)
+               ** 2).mean() for half in text.chunk(2)]
+    return float(losses[1] - losses[0])
 
 
 def motion_pilot(pipe, rng, clean=600, partial=600, lr=3e-4, batch=32, given_t_min=0, tail=0, tail_lr=1e-4):
@@ -546,6 +584,9 @@ def main():
     parser.add_argument("--direction-probe", type=float, default=0.0, metavar="WEIGHT",
                         help="weight of a probe loss that makes every text token carry the direction words "
                              "(default 0: off; docs/experiments.md, section 2)")
+    parser.add_argument("--probe-until", type=float, default=None, metavar="GAP",
+                        help="stop the probe once swapping each direction word for its opposite raises the loss "
+                             "by GAP (default: the probe stays on)")
     parser.add_argument("--reuse-vae", action="store_true",
                         help="keep the VAE of --out, train the rest anew (as a build from nothing that made it)")
     parser.add_argument("--n-eval", type=int, default=96, help="one-square videos in the quality table")
@@ -556,6 +597,8 @@ def main():
         parser.error(f"--mix {args.mix[0]} {args.mix[1]}: shares of clips, at least 0 and summing to at most 1")
     if args.direction_probe < 0:
         parser.error(f"--direction-probe {args.direction_probe}: a loss weight, at least 0")
+    if args.probe_until is not None and (args.probe_until <= 0 or not args.direction_probe):
+        parser.error(f"--probe-until {args.probe_until}: a rise of the loss, above 0, with --direction-probe")
     if not 0 <= args.given_t_min < TRAIN_TIMESTEPS:
         parser.error(f"--given-t-min {args.given_t_min}: a noise level from 0 to {TRAIN_TIMESTEPS - 1}")
     if args.motion_pilot:
@@ -586,7 +629,8 @@ def main():
             rng = random.Random(args.seed + 1)
         scenes, latents = encode_dataset(vae, rng, args.scenes)
         train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng, (args.steps, 0, 0),
-                          given_t_min=args.given_t_min, mix=tuple(args.mix), probe=args.direction_probe)
+                          given_t_min=args.given_t_min, mix=tuple(args.mix), probe=args.direction_probe,
+                          probe_until=args.probe_until)
         pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                  transformer=transformer, scheduler=scheduler)
         pipe.save_pretrained(args.out)
