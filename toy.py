@@ -333,13 +333,17 @@ def encode_dataset(vae, rng, n, batch=32):
     return scenes, (latents * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
 
 
+def _token_ids(tokenizer, prompts):
+    """(N, 226) token ids, padded as the pipeline pads its prompts."""
+    return tokenizer(prompts, padding="max_length", max_length=226, truncation=True, return_tensors="pt").input_ids
+
+
 def _training_batch(rng, scenes, latents, tokenizer, text_encoder, scheduler, gen, batch):
     """A batch to train on: text (B, 226, D), latents x0, noise, timesteps and the prompts; one in ten empty."""
     idx = [rng.randrange(len(scenes)) for _ in range(batch)]
     prompts = ["" if rng.random() < 0.1 else make_prompt(rng, scenes[i], drop=0.1) for i in idx]
-    ids = tokenizer(prompts, padding="max_length", max_length=226, truncation=True, return_tensors="pt").input_ids
     device = latents.device
-    text = text_encoder(ids.to(device))[0]
+    text = text_encoder(_token_ids(tokenizer, prompts).to(device))[0]
     x0 = latents[idx]  # (B, F', C, H', W')
     noise = torch.randn(x0.shape, generator=gen).to(device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
@@ -446,8 +450,7 @@ def direction_check(scenes, latents, tokenizer, rng, n=32, t=700):
     idx = [i for i, s in enumerate(scenes) if len(s) == 1][:n]
     prompts = [make_prompt(rng, scenes[i]) for i in idx]
     swapped = [" ".join(OPPOSITE.get(w, w) for w in p.split()) for p in prompts]
-    ids = tokenizer(prompts + swapped, padding="max_length", max_length=226, truncation=True,
-                    return_tensors="pt").input_ids.to(latents.device)
+    ids = _token_ids(tokenizer, prompts + swapped).to(latents.device)
     noise = torch.randn(latents[idx].shape, generator=torch.Generator().manual_seed(rng.randint(0, 2**31)))
     return latents[idx], noise.to(latents.device), torch.full((len(idx),), t, device=latents.device), ids
 
