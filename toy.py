@@ -1,6 +1,6 @@
 """toy.py: a tiny CogVideoX that draws coloured squares, trained on a CPU.
 
-    python toy.py            # rebuild toy/ from nothing (about 30 minutes on 2 CPU cores)
+    python toy.py            # rebuild toy/ from nothing (about 25 minutes on 2 CPU cores)
     python toy.py --check    # load the committed toy/ and print its quality table
     python toy.py --motion-pilot DIR   # a pilot toward direction (issue #2): fine-tune toy/ into DIR
 
@@ -284,7 +284,7 @@ def _clips(rng, batch, frames=FRAMES):
     return torch.from_numpy(video).permute(0, 4, 1, 2, 3) * 2 - 1
 
 
-def train_vae(vae, rng, steps=(300, 900), lr=1e-3):
+def train_vae(vae, rng, steps=(300, 450), lr=1e-3):
     """Train the VAE as an autoencoder on the posterior's mode, squares weighted ten times."""
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     plan = [(1, 16)] * steps[0] + [(FRAMES, 4)] * steps[1]  # single frames first, then whole clips
@@ -358,7 +358,7 @@ def _update(opt, params, loss):
 
 
 def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng,
-                      steps=(3000, 0, 0), batch=32, lr=1e-3, gen=None, given_t_min=0, mix=(0.0, 0.0), probe=0.0,
+                      steps=(4500, 0, 0), batch=32, lr=1e-3, gen=None, given_t_min=0, mix=(0.0, 0.0), probe=0.0,
                       probe_until=None):
     """Train transformer and text encoder together on v-prediction; one prompt in ten is empty.
 
@@ -575,8 +575,8 @@ def main():
     parser.add_argument("--check", action="store_true", help="only load the committed toy/ and print its quality")
     parser.add_argument("--out", default=TOY_DIR, help="where to save the pipeline (default: toy/)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the whole build (default 0)")
-    parser.add_argument("--vae-steps", type=int, nargs=2, default=[300, 900], help="VAE steps: frames, then clips")
-    parser.add_argument("--steps", type=int, default=3000, help="transformer training steps (default 3000)")
+    parser.add_argument("--vae-steps", type=int, nargs=2, default=[300, 450], help="VAE steps: frames, then clips")
+    parser.add_argument("--steps", type=int, default=4500, help="transformer training steps (default 4500)")
     parser.add_argument("--scenes", type=int, default=4000, help="training scenes encoded once (default 4000)")
     parser.add_argument("--mix", type=float, nargs=2, default=[0.0, 0.0], metavar=("GIVEN", "HINTED"),
                         help="shares of clips with the first frame given / hinted "
@@ -584,12 +584,12 @@ def main():
     parser.add_argument("--given-t-min", type=int, default=600,
                         help="under --mix, a given clip's noise level is drawn from t >= this "
                              f"(0-{TRAIN_TIMESTEPS - 1}; default 600)")
-    parser.add_argument("--direction-probe", type=float, default=0.0, metavar="WEIGHT",
+    parser.add_argument("--direction-probe", type=float, default=0.05, metavar="WEIGHT",
                         help="weight of a probe loss that makes every text token carry the direction words "
-                             "(default 0: off; docs/experiments.md, section 2)")
-    parser.add_argument("--probe-until", type=float, default=None, metavar="GAP",
+                             "(default 0.05; 0: off; docs/experiments.md, section 2)")
+    parser.add_argument("--probe-until", type=float, default=0.05, metavar="GAP",
                         help="stop the probe once swapping each direction word for its opposite raises the loss "
-                             "by GAP (default: the probe stays on)")
+                             "by GAP (default 0.05; inf: the probe stays on)")
     parser.add_argument("--reuse-vae", action="store_true",
                         help="keep the VAE of --out, train the rest anew (as a build from nothing that made it)")
     parser.add_argument("--n-eval", type=int, default=96, help="one-square videos in the quality table")
@@ -600,8 +600,8 @@ def main():
         parser.error(f"--mix {args.mix[0]} {args.mix[1]}: shares of clips, at least 0 and summing to at most 1")
     if args.direction_probe < 0:
         parser.error(f"--direction-probe {args.direction_probe}: a loss weight, at least 0")
-    if args.probe_until is not None and (args.probe_until <= 0 or not args.direction_probe):
-        parser.error(f"--probe-until {args.probe_until}: a rise of the loss, above 0, with --direction-probe")
+    if args.probe_until <= 0:
+        parser.error(f"--probe-until {args.probe_until}: a rise of the loss, above 0 (inf: the probe stays on)")
     if not 0 <= args.given_t_min < TRAIN_TIMESTEPS:
         parser.error(f"--given-t-min {args.given_t_min}: a noise level from 0 to {TRAIN_TIMESTEPS - 1}")
     if args.motion_pilot:
