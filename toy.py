@@ -600,7 +600,7 @@ def main():
         parser.error(f"--mix {args.mix[0]} {args.mix[1]}: shares of clips, at least 0 and summing to at most 1")
     if args.direction_probe < 0:
         parser.error(f"--direction-probe {args.direction_probe}: a loss weight, at least 0")
-    if args.probe_until <= 0:
+    if not args.probe_until > 0:  # nan as well
         parser.error(f"--probe-until {args.probe_until}: a rise of the loss, above 0 (inf: the probe stays on)")
     if not 0 <= args.given_t_min < TRAIN_TIMESTEPS:
         parser.error(f"--given-t-min {args.given_t_min}: a noise level from 0 to {TRAIN_TIMESTEPS - 1}")
