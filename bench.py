@@ -115,10 +115,10 @@ def measure(size, frames, height, width, device, phase, repeats, extra):
         parts.setdefault(name, []).append(time.perf_counter() - start)
 
     idx = torch.arange(args.batch_size, device=device)
-    x_t, t, _ = r.xt.draw(idx)  # latents like those a step trains on, made outside the floor's timing
+    x_t, t = r.xt.draw(idx)  # latents like those a step trains on, made outside the floor's timing
 
     def floor():  # backpropagated as the step does: the concept's rows, then the preservation rows
-        for embeds in (r.cond[idx], r.pre[idx, 0]):
+        for embeds in (r.cond[idx], r.pre[idx]):
             unlearn.student_pass(r.transformer, r.state, x_t, t, embeds, r.rotary).float().pow(2).mean().backward()
         r.opt.zero_grad(set_to_none=True)
 

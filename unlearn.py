@@ -62,16 +62,10 @@ def build_parser():
                    help="anchor of Eq. 1: the prompt without the concept's words (default), or the empty prompt")
     g.add_argument("--loc-weight", type=float, default=0.1, help="alpha, localization loss weight (0 = off)")
     g.add_argument("--pres-weight", type=float, default=1.0, help="beta, preservation loss weight (0 = off)")
-    g.add_argument("--preserve-nearest", action="store_true",
-                   help="L_pre on the preserved prompt the frozen model confuses most with the concept at x_t, "
-                        "found once per pool entry (default: one drawn at random per prompt)")
     g.add_argument("--mask-threshold", type=float, default=0.1, help="concept mask threshold after min-max (0-1)")
-    g.add_argument("--xt", choices=["pool", "sample", "renoise"], default="pool",
+    g.add_argument("--xt", choices=["pool", "sample"], default="pool",
                    help="how x_t is made: a pool of the frozen model's trajectories made once (default), "
-                        "fresh sampling every step (ESD, slow), or its finished samples noised again")
-    g.add_argument("--xt-prompt", choices=["concept", "anchor"], default="concept",
-                   help="whose trajectories x_t is drawn from: the concept prompt's (default, the paper's) or the "
-                        "anchor's (kept the erased square's motion on toys that draw it: README, 'Choices')")
+                        "or fresh sampling every step (ESD's, up to --xt-steps passes a step)")
     g.add_argument("--xt-steps", type=int, default=20, help="sampling steps of the trajectories (default 20)")
     g.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance while sampling x_t")
     g = p.add_argument_group("training")
@@ -101,8 +95,6 @@ def parse_args(argv=None):
     if not (args.lr > 0 and args.eta >= 0 and args.loc_weight >= 0 and args.pres_weight >= 0
             and 0 <= args.mask_threshold < 1):
         raise UserError("--lr must be > 0; --eta, --loc-weight, --pres-weight >= 0; --mask-threshold in [0, 1)")
-    if args.preserve_nearest and args.xt != "pool":
-        raise UserError("--preserve-nearest chooses c_pre once per entry of the x_t pool: use it with --xt pool")
     args.output_dir = args.output_dir or os.path.join("erasers", re.sub(r"\W+", "_", args.concept.lower()))
     return args
 
@@ -202,15 +194,6 @@ def default_preserve(model, concept):
     return PRESERVE.get(concept.lower(), GENERIC_PRESERVE)
 
 
-def already_named(model, text, word):
-    """Whether `text` names `word` (on the toy, any word of the same colour)."""
-    if is_toy(model):
-        from toy import WORD_TO_COLOUR, colours_named
-        if word.lower() in WORD_TO_COLOUR:
-            return WORD_TO_COLOUR[word.lower()] in colours_named(text)
-    return bool(re.search(rf"\b{re.escape(word)}\b", text, re.IGNORECASE))
-
-
 def substitute(prompt, concept, text):
     """The prompt with every mention of the concept replaced by `text` (removed when empty)."""
     out = re.sub(rf"\b{re.escape(concept)}\b", text, prompt, flags=re.IGNORECASE)
@@ -243,7 +226,7 @@ def refine_prompts(prompts, concept, refiner, tries=3):
 
 
 def build_prompts(args, rng):
-    """Concept prompts c, and for each its anchor and its preservation prompts c_pre (one, or every candidate)."""
+    """Concept prompts c, and for each its anchor and its preservation prompt c_pre."""
     if args.no_augment:
         prompts = [args.concept]
     else:
@@ -259,17 +242,8 @@ def build_prompts(args, rng):
         prompts = refine_prompts(prompts, args.concept, args.refiner) or prompts
     preserve = args.preserve or default_preserve(args.model, args.concept)
     anchors = ["" if args.anchor == "empty" else substitute(p, args.concept, "") for p in prompts]
-    # c_pre: the prompt with something to keep in the concept's place: one drawn at random, or every candidate
-    # under --preserve-nearest, none that the prompt already names: the nearest, kept at every step, taught the
-    # erasers to keep red beside orange via "an orange square and an orange box" (README, "Choices").
-    if not args.preserve_nearest:
-        return prompts, anchors, [substitute(p, args.concept, rng.choice(preserve)) for p in prompts]
-    preserved = []
-    for p in prompts:
-        rest = substitute(p, args.concept, "")  # what the prompt names beside the concept
-        fits = [w for w in preserve if not already_named(args.model, rest, w)] or preserve
-        preserved += [substitute(p, args.concept, fits[i % len(fits)]) for i in range(len(preserve))]
-    return prompts, anchors, preserved
+    # c_pre: the prompt with something to keep in the concept's place, drawn once per prompt
+    return prompts, anchors, [substitute(p, args.concept, rng.choice(preserve)) for p in prompts]
 
 
 # -----------------------------------------------------------------------------
@@ -343,22 +317,22 @@ class NoisyLatents:
 
     'sample' is ESD's: every step, sample from fresh noise for a random k of N steps, then
     read all velocities at step k's timestep; it costs up to N guided passes per step.
-    'pool' runs each prompt's trajectory once before training and draws a random step of
-    one at every iteration: the same distribution of x_t, made once. 'renoise' noises the
-    pool's finished samples to a random timestep: not the sampler's path. On the toy, all three
-    erase red beside a second square in 88 % of videos; that square stays in 92 % (pool), 79 %
-    (sample) and 88 % (renoise).
+    'pool' (the default) runs each prompt's trajectory once before training and draws a random
+    step of one at every iteration: the same distribution of x_t, made once, at a third of the
+    cost per step. On the toy both erase red beside a second square in 88 % of videos; that
+    square stays in 92 % (pool) and 79 % (sample).
     """
 
     def __init__(self, kind, transformer, scheduler, embeds, uncond, rotary, shape, guidance, steps, gen):
-        self.kind, self.transformer, self.scheduler = kind, transformer, scheduler
-        self.embeds, self.uncond, self.rotary, self.shape, self.guidance, self.gen = \
-            embeds, uncond, rotary, shape, guidance, gen
-        scheduler.set_timesteps(steps, device=embeds.device)
+        from diffusers import CogVideoXDDIMScheduler  # DDIM's step on the pipeline's schedule, whichever
+        self.scheduler = CogVideoXDDIMScheduler.from_config(scheduler.config)  # sampler it ships (DPM's differs)
+        self.kind, self.transformer, self.embeds, self.uncond, self.rotary, self.shape, self.guidance, self.gen = \
+            kind, transformer, embeds, uncond, rotary, shape, guidance, gen
+        self.scheduler.set_timesteps(steps, device=embeds.device)
         self.pool = None
-        if kind != "sample":  # one prompt at a time: no more memory than sampling the model
+        if kind == "pool":  # one prompt at a time: no more memory than sampling the model
             chunks = [self._sample(i[None]) for i in tqdm(torch.arange(len(embeds)), desc="x_t pool")]
-            self.pool = torch.cat(chunks, dim=1)  # (N + 1, P, F', C, H', W')
+            self.pool = torch.cat(chunks, dim=1)  # (steps + 1, prompts, F', C, H', W')
 
     def _sample(self, idx, steps=None):
         noise = torch.randn((len(idx), *self.shape), generator=self.gen, device=self.gen.device)
@@ -366,17 +340,10 @@ class NoisyLatents:
                               self.uncond.expand(len(idx), -1, -1), self.rotary, self.guidance, steps)
 
     def draw(self, idx):
-        """x_t (B, F', C, H', W'), timesteps t (B,) and the sampling step k (None for 'renoise') for `idx`."""
-        n = len(self.scheduler.timesteps)
-        if self.kind == "renoise":
-            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(idx),), generator=self.gen,
-                              device=self.gen.device)
-            x0 = self.pool[-1, idx]
-            noise = torch.randn(x0.shape, generator=self.gen, device=self.gen.device, dtype=x0.dtype)
-            return self.scheduler.add_noise(x0, noise, t), t, None
-        k = int(torch.randint(0, n, (1,), generator=self.gen, device=self.gen.device))
+        """x_t (B, F', C, H', W') and its timesteps t (B,) for the prompts `idx`: step k of their sampling."""
+        k = int(torch.randint(0, len(self.scheduler.timesteps), (1,), generator=self.gen, device=self.gen.device))
         x_t = self.pool[k, idx] if self.kind == "pool" else self._sample(idx, k)[-1]
-        return x_t, self.scheduler.timesteps[k].expand(len(idx)), k
+        return x_t, self.scheduler.timesteps[k].expand(len(idx))
 
 
 # -----------------------------------------------------------------------------
@@ -408,11 +375,6 @@ def localization_loss(eraser_out, mask):
 def preservation_loss(v_student_pre, v_teacher_pre):
     # L_pre = || v'(x_t, c_pre, t) - v*(x_t, c_pre, t) ||^2
     return F.mse_loss(v_student_pre.float(), v_teacher_pre.float())
-
-
-def nearest_candidate(v_pre, v_cond):
-    # per sample, argmin_k || v*(x_t, c_pre_k) - v*(x_t, c) ||^2 over its candidates: (B, P, ...), (B, ...) -> (B,)
-    return (v_pre.float() - v_cond.float()[:, None]).pow(2).flatten(2).mean(2).argmin(1)
 
 
 # 6. Concept attention: video queries against the prompt's keys, after QK-norm and RoPE.
@@ -506,21 +468,16 @@ def set_erasers(transformer, enabled):
 # 5. Teacher velocities: the same network with the erasers off; one batched, no-grad pass
 @torch.no_grad()
 def teacher_pass(transformer, state, x_t, t, cond, anchor, tokens, rotary, pre=None):
-    """v*(x_t, c), v*(x_t, anchor), v*(x_t, c_pre) and each block's concept attention for c.
-
-    `pre` holds each sample's P preservation prompts c_pre, (B, P, 226, D), read at the same x_t; or None.
-    """
-    b, p = len(x_t), 0 if pre is None else pre.shape[1]
-    embeds = torch.cat([cond, anchor] + ([pre.flatten(0, 1)] if p else []))
+    """v*(x_t, c), v*(x_t, anchor), v*(x_t, c_pre) (None without `pre`) and each block's concept attention for c."""
+    rows = [cond, anchor] + ([] if pre is None else [pre])  # one batch of 2 or 3 prompts per sample, one x_t
     state.enabled, state.tokens = False, tokens
     try:
-        v = transformer(hidden_states=torch.cat([x_t, x_t, x_t.repeat_interleave(p, 0)]), encoder_hidden_states=embeds,
-                        timestep=torch.cat([t, t, t.repeat_interleave(p, 0)]), image_rotary_emb=rotary,
-                        return_dict=False)[0]
+        v = transformer(hidden_states=x_t.repeat(len(rows), 1, 1, 1, 1), encoder_hidden_states=torch.cat(rows),
+                        timestep=t.repeat(len(rows)), image_rotary_emb=rotary, return_dict=False)[0]
     finally:
         state.enabled, state.tokens = True, None
-    v_pre = v[2 * b:].unflatten(0, (b, p)) if p else None
-    return v[:b], v[b:2 * b], v_pre, [proc.attention for proc in processors(transformer)]
+    v = v.chunk(len(rows))
+    return v[0], v[1], v[2] if pre is not None else None, [proc.attention for proc in processors(transformer)]
 
 
 def student_pass(transformer, state, x_t, t, embeds, rotary, record=False):
@@ -553,7 +510,7 @@ def setup_training(args, pipe, embeds, tokens, log=print):
     r, device = Run(), pipe.transformer.device
     r.args, r.transformer = args, pipe.transformer
     r.cond, r.anchor = embeds["concept"], embeds["anchor"]
-    r.pre = embeds["preserve"].unflatten(0, (len(r.cond), -1))  # (N, P, 226, D): P candidates per prompt
+    r.pre = embeds["preserve"]  # (N, 226, D): each prompt's c_pre
     resolve_size(pipe, args)
     shape = video_shape(pipe, args.num_frames, args.height, args.width)
     r.rotary = rotary_embeddings(pipe, shape)
@@ -569,11 +526,9 @@ def setup_training(args, pipe, embeds, tokens, log=print):
 
     # 4. Make the noisy latents x_t (with the erasers off: the frozen original samples them)
     r.state.enabled = False
-    trajectories = r.cond if args.xt_prompt == "concept" else r.anchor
-    r.xt = NoisyLatents(args.xt, r.transformer, pipe.scheduler, trajectories, embeds["empty"], r.rotary, shape,
+    r.xt = NoisyLatents(args.xt, r.transformer, pipe.scheduler, r.cond, embeds["empty"], r.rotary, shape,
                         args.guidance, args.xt_steps, r.gen)
     r.state.enabled = True
-    r.nearest = nearest_preserved(r) if r.pre.shape[1] > 1 and args.pres_weight > 0 else None  # read by L_pre only
 
     # 8. AdamW on the erasers alone, with gradient checkpointing of whole blocks
     r.transformer.enable_gradient_checkpointing()
@@ -581,35 +536,19 @@ def setup_training(args, pipe, embeds, tokens, log=print):
     return r
 
 
-def nearest_preserved(r):
-    """--preserve-nearest: for each pool entry (step k, prompt i), the candidate c_pre whose v* is nearest
-    v*(x_t, c): the thing to keep that the frozen model confuses most with the concept there. (K, N)."""
-    steps, n, b = len(r.xt.scheduler.timesteps), len(r.cond), r.args.batch_size
-    table = torch.empty(steps, n, dtype=torch.long, device=r.cond.device)
-    for k in tqdm(range(steps), desc="nearest c_pre"):
-        for i in torch.arange(n, device=r.cond.device).split(b):
-            t = r.xt.scheduler.timesteps[k].expand(len(i))
-            v_cond, _, v_pre, _ = teacher_pass(r.transformer, r.state, r.xt.pool[k, i], t, r.cond[i], r.anchor[i],
-                                               r.tokens[i], r.rotary, r.pre[i])
-            table[k, i] = nearest_candidate(v_pre, v_cond)
-    return table
-
-
 def unlearning_step(r, timer=no_timer):
     """One optimizer step of steps 4-8 on a random batch of prompts; returns the loss terms."""
     args, use_pre = r.args, r.args.pres_weight > 0
     idx = torch.randint(0, len(r.cond), (args.batch_size,), generator=r.gen, device=r.gen.device)
     with timer("x_t"):
-        x_t, t, k = r.xt.draw(idx)
+        x_t, t = r.xt.draw(idx)
     # Preservation at the same x_t (METHOD.md's L_pre). Measured on the toy, c_pre at its own
-    # trajectories' x_t erased red in two-square scenes far less: README, "Choices".
-    # Its prompt: the one candidate (the default), or the nearest at this pool entry (--preserve-nearest).
-    c_pre = r.pre[idx, 0 if r.nearest is None else r.nearest[k, idx]] if use_pre else None
+    # trajectories' x_t erased red in two-square scenes far less (docs/experiments.md, section 1).
+    c_pre = r.pre[idx] if use_pre else None
     with timer("teacher and masks"):
         # 5. Teacher velocities and the negatively guided target (Eq. 1)
         v_cond, v_anchor, v_pre, attention = teacher_pass(r.transformer, r.state, x_t, t, r.cond[idx],
-                                                          r.anchor[idx], r.tokens[idx], r.rotary,
-                                                          None if c_pre is None else c_pre[:, None])
+                                                          r.anchor[idx], r.tokens[idx], r.rotary, c_pre)
         target = negative_guidance_target(v_cond, v_anchor, args.eta)
         # 6. Concept masks from the teacher's attention
         masks = [concept_mask(a, r.grid, args.mask_threshold, r.has_concept[idx]) for a in attention]
@@ -624,7 +563,7 @@ def unlearning_step(r, timer=no_timer):
         (loss_unlearn + args.loc_weight * loss_loc).backward()
         loss_pre = torch.zeros_like(loss_loc)
         if use_pre:
-            loss_pre = preservation_loss(student_pass(r.transformer, r.state, x_t, t, c_pre, r.rotary), v_pre[:, 0])
+            loss_pre = preservation_loss(student_pass(r.transformer, r.state, x_t, t, c_pre, r.rotary), v_pre)
             (args.pres_weight * loss_pre).backward()
     with timer("optimizer"):
         r.opt.step()
@@ -664,14 +603,10 @@ def train(args, pipe, embeds, tokens, log=print, checkpoint=None):
     return r.erasers, history
 
 
-# Settings that change the result: a run resumes only if they are as they were.
-RESULT_SETTINGS = ("concept", "model", "num_prompts", "prompts_file", "refiner", "no_augment", "preserve", "eta",
-                   "anchor", "loc_weight", "pres_weight", "preserve_nearest", "mask_threshold", "xt", "xt_prompt",
-                   "xt_steps", "guidance", "rank", "lr", "batch_size", "num_frames", "height", "width", "seed")
-
-
 def result_settings(args):
-    return {k: getattr(args, k) for k in RESULT_SETTINGS}
+    """The settings that change the result: a run resumes only if they are as they were."""
+    return {k: v for k, v in vars(args).items() if k not in ("output_dir", "overwrite", "device", "resume",
+                                                              "checkpoint_every", "steps")}
 
 
 # -----------------------------------------------------------------------------
@@ -725,9 +660,8 @@ def main(argv=None):
     if not prompts:
         raise UserError(f"no prompt names '{args.concept}': check --prompts-file or drop --refiner")
     print(f"# 2. Built {len(prompts)} prompts that carry '{args.concept}', e.g.:")
-    per = len(preserved) // len(prompts)
     for i in range(min(3, len(prompts))):
-        print(f"     c = {prompts[i]!r}\n       anchor = {anchors[i]!r}, c_pre = {preserved[i * per]!r}")
+        print(f"     c = {prompts[i]!r}\n       anchor = {anchors[i]!r}, c_pre = {preserved[i]!r}")
 
     # 3. Encode the prompts once, then free the text encoder
     tokens, embeds = encode_run_prompts(pipe, args.concept, prompts, anchors, preserved)
