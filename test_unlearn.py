@@ -91,33 +91,25 @@ def test_any_folder_toy_py_built_gets_the_toys_prompts(tmp_path):
     assert made["toy"] != made[str(tmp_path / "other")]  # a tokenizer that knows more words is not the toy's
 
 
-def test_toy_py_refuses_to_write_over_toy_and_bad_settings(tmp_path):
-    (tmp_path / "keep.txt").write_text("mine")
+def test_toy_py_refuses_bad_settings_and_leaves_toy_as_it_was():
     before = {p: os.path.getmtime(os.path.join(HERE, "toy", p)) for p in ("model_index.json", "transformer")}
-    for target in ("toy", str(tmp_path)):
-        result = run("toy.py", "--motion-pilot", target)
-        assert result.returncode == 2 and "choose a new or empty folder" in result.stderr
-    result = run("toy.py", "--mix", "0.8", "0.5")  # would train into toy/
-    assert result.returncode == 2 and "summing to at most 1" in result.stderr
-    result = run("toy.py", "--mix", "0.2", "0.3", "--given-t-min", "1000")
-    assert result.returncode == 2 and "from 0 to 999" in result.stderr
     result = run("toy.py", "--direction-probe", "-1")
     assert result.returncode == 2 and "a loss weight, at least 0" in result.stderr
-    result = run("toy.py", "--probe-until", "0")
-    assert result.returncode == 2 and "a rise of the loss, above 0" in result.stderr
-    assert (tmp_path / "keep.txt").read_text() == "mine"
+    for bad in ("0", "nan"):
+        result = run("toy.py", "--probe-until", bad)
+        assert result.returncode == 2 and "a rise of the loss, above 0" in result.stderr
     assert before == {p: os.path.getmtime(os.path.join(HERE, "toy", p)) for p in before}
 
 
-def test_toy_training_stages_with_the_first_frame_shown_run_past_their_first_step():
+def test_toy_training_with_the_direction_probe_updates_the_transformer():
     torch.manual_seed(0)
     tokenizer, text_encoder, _, transformer, scheduler = toy.build_parts()
     rng = random.Random(0)
     scenes = [toy.random_scene(rng) for _ in range(8)]
     latents = torch.randn(8, 3, toy.LATENT_CHANNELS, 8, 8)
     before = [p.detach().clone() for p in transformer.parameters()]
-    toy.train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng, steps=(0, 2, 2),
-                          batch=4, given_t_min=600, probe=0.1)
+    toy.train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng, steps=2, batch=4,
+                          probe=0.1)
     after = list(transformer.parameters())
     assert all(torch.isfinite(p).all() for p in after) and any(not torch.equal(a, b) for a, b in zip(before, after))
 

@@ -2,7 +2,6 @@
 
     python toy.py            # rebuild toy/ from nothing (about 25 minutes on 2 CPU cores)
     python toy.py --check    # load the committed toy/ and print its quality table
-    python toy.py --motion-pilot DIR   # a pilot toward direction (issue #2): fine-tune toy/ into DIR
 
 The toy world lets anyone watch concept erasure work without a GPU. A video is 9 frames
 of 64x64 px on a black background with one or two solid 16x16 squares, each in one colour
@@ -357,25 +356,16 @@ def _update(opt, params, loss):
     opt.step()
 
 
-def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng,
-                      steps=(4500, 0, 0), batch=32, lr=1e-3, gen=None, given_t_min=0, mix=(0.0, 0.0), probe=0.0,
-                      probe_until=None):
+def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng, steps=4500, batch=32,
+                      lr=1e-3, gen=None, probe=0.0, probe_until=None):
     """Train transformer and text encoder together on v-prediction; one prompt in ten is empty.
 
-    Three stages, of steps[0], steps[1] and steps[2] steps:
-    plain: the lr warms up over 200 steps, then decays (cosine); every frame equally noisy,
-      except in the shares `mix` = (given, hinted) of the clips (0 and 0 by default);
-    first frame given: every clip shows its first latent frame clean, at a constant lr;
-    first frame hinted: half the clips show it less noisy than the rest; the lr decays.
-    A given frame is clean, at noise levels from `given_t_min` up only (where the noisy
-    frames do not show the way); a hinted one is noised at a random fraction of t. Neither
-    is trained on: the words then decide where the square goes next (issue #2).
-    `probe` > 0 adds, at that weight, a linear probe's loss that asks every text token, padding
-    included, which direction words the prompt says (the video reads the text mostly through
-    the padding: docs/experiments.md, section 2). With `probe_until` set, the probe stops once
-    the model reads the direction words: once swapping each for its opposite raises the loss
-    by that much (`direction_gap`, every 50 steps); what it taught outlives it. The probe is
-    dropped after training.
+    The lr warms up over 200 steps, then decays (cosine). `probe` > 0 adds, at that weight, a
+    linear probe's loss that asks every text token, padding included, which direction words the
+    prompt says (the video reads the text mostly through the padding: docs/experiments.md,
+    section 2). With `probe_until` set, the probe stops once the model reads the direction
+    words: once swapping each for its opposite raises the loss by that much (`direction_gap`,
+    every 50 steps); what it taught outlives it. The probe is dropped after training.
     """
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     if probe:
@@ -385,52 +375,23 @@ def train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, l
     transformer.train(), text_encoder.train()
     if gen is None:
         gen = torch.Generator().manual_seed(rng.randint(0, 2**31))
-    total = scheduler.config.num_train_timesteps
-    plain, given, hinted = steps
     probing, gap = bool(probe), None
     if probing and probe_until is not None:
         check = direction_check(scenes, latents, tokenizer, random.Random(rng.random()))
-    bar = tqdm(range(plain + given + hinted), desc="transformer")
+    bar = tqdm(range(steps), desc="transformer")
     for step in bar:
         if probing and probe_until is not None and step % 50 == 0 and step >= 200:
             gap = direction_gap(transformer, text_encoder, scheduler, check)
             probing = gap < probe_until
             if not probing:
                 print(f"\nThe model reads the direction words at step {step} (gap {gap:.3f}): probe off")
-        if step < plain:  # the lr, and the shares of clips with the first frame given and hinted
-            rate, shares = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / plain)), mix
-        elif step < plain + given:
-            rate, shares = lr, (1.0, 0.0)
-        else:
-            rate, shares = lr * 0.5 * (1 + math.cos(math.pi * (step - plain - given) / hinted)), (0.0, 0.5)
-        share_given, share_hinted = shares
         for g in opt.param_groups:
-            g["lr"] = rate
+            g["lr"] = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / steps))
         text, x0, noise, t, prompts = _training_batch(rng, scenes, latents, tokenizer, text_encoder, scheduler, gen,
                                                       batch)
-        shown = None
-        if share_given or share_hinted:  # which clips show their first latent frame, given or hinted
-            u = torch.rand(batch, generator=gen)
-            is_given = u < share_given
-            shown = u < share_given + share_hinted
-            if given_t_min:  # a given clip's t drawn from [given_t_min, T) instead of [0, T)
-                t = torch.where(is_given, given_t_min + t * (total - given_t_min) // total, t)
-        x_t = scheduler.add_noise(x0, noise, t)
-        if shown is not None:
-            first = x0[:, :1]
-            if share_hinted:
-                t_hint = (t.float() * torch.rand(batch, generator=gen)).long()
-                hint = scheduler.add_noise(x0[:, :1], noise[:, :1], t_hint)
-                first = torch.where(is_given[:, None, None, None, None], first, hint)
-            x_t[shown, :1] = first[shown]
-        v = transformer(hidden_states=x_t, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
-        target = scheduler.get_velocity(x0, noise, t)
-        if shown is not None:
-            weight = torch.ones_like(v)
-            weight[shown, :1] = 0  # no loss on a frame that was shown
-            loss = (weight * (v - target) ** 2).sum() / weight.sum()
-        else:
-            loss = F.mse_loss(v, target)
+        v = transformer(hidden_states=scheduler.add_noise(x0, noise, t), encoder_hidden_states=text, timestep=t,
+                        return_dict=False)[0]
+        loss = F.mse_loss(v, scheduler.get_velocity(x0, noise, t))
         objective = loss
         if probing:  # every token (B, 226, 4) says which direction words its prompt has
             logits = head(text)
@@ -464,31 +425,6 @@ def direction_gap(transformer, text_encoder, scheduler, check):
     losses = [((transformer(hidden_states=x_t, encoder_hidden_states=half, timestep=t, return_dict=False)[0] - target)
                ** 2).mean() for half in text.chunk(2)]
     return float(losses[1] - losses[0])
-
-
-def motion_pilot(pipe, rng, clean=600, partial=600, lr=3e-4, batch=32, given_t_min=0, tail=0, tail_lr=1e-4):
-    """A pilot toward issue #2, not part of the build: fine-tune a trained toy to follow direction words.
-
-    Trained plainly, the toy ignores direction words (swapping "left" for "right" changes its
-    loss in the fourth decimal): with every frame equally noisy they say little that the
-    noisy frames do not. Here `train_transformer` runs its two other stages on the built toy:
-    `clean` steps with the first latent frame given (at noise levels from `given_t_min` up),
-    then `partial` steps with it hinted, then `tail` plain steps at `tail_lr` (a fresh optimizer).
-    """
-    scale = pipe.vae.config.scaling_factor  # keep the committed latent scale (encode_dataset measures anew)
-    scenes, latents = encode_dataset(pipe.vae, rng, 2000)
-    latents *= scale / pipe.vae.config.scaling_factor
-    pipe.vae.register_to_config(scaling_factor=scale)
-    params = list(pipe.transformer.parameters()) + list(pipe.text_encoder.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    train_transformer(pipe.transformer, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, scenes, latents, rng,
-                      (0, clean, partial), batch, lr, torch.Generator().manual_seed(5), given_t_min)
-    if tail:  # every frame equally noisy again, as in sampling: two-square scenes had suffered
-        train_transformer(pipe.transformer, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, scenes, latents, rng,
-                          (tail, 0, 0), batch, tail_lr, torch.Generator().manual_seed(6))
-    for p in params:
-        p.requires_grad_(False)
 
 
 # -----------------------------------------------------------------------------
@@ -578,12 +514,6 @@ def main():
     parser.add_argument("--vae-steps", type=int, nargs=2, default=[300, 450], help="VAE steps: frames, then clips")
     parser.add_argument("--steps", type=int, default=4500, help="transformer training steps (default 4500)")
     parser.add_argument("--scenes", type=int, default=4000, help="training scenes encoded once (default 4000)")
-    parser.add_argument("--mix", type=float, nargs=2, default=[0.0, 0.0], metavar=("GIVEN", "HINTED"),
-                        help="shares of clips with the first frame given / hinted "
-                             "(default 0 0; docs/experiments.md, section 2)")
-    parser.add_argument("--given-t-min", type=int, default=600,
-                        help="under --mix, a given clip's noise level is drawn from t >= this "
-                             f"(0-{TRAIN_TIMESTEPS - 1}; default 600)")
     parser.add_argument("--direction-probe", type=float, default=0.05, metavar="WEIGHT",
                         help="weight of a probe loss that makes every text token carry the direction words "
                              "(default 0.05; 0: off; docs/experiments.md, section 2)")
@@ -593,27 +523,11 @@ def main():
     parser.add_argument("--reuse-vae", action="store_true",
                         help="keep the VAE of --out, train the rest anew (as a build from nothing that made it)")
     parser.add_argument("--n-eval", type=int, default=96, help="one-square videos in the quality table")
-    parser.add_argument("--motion-pilot", metavar="DIR", default=None,
-                        help="fine-tune the committed toy/ with motion_pilot, save it to DIR, print its quality")
     args = parser.parse_args()
-    if min(args.mix) < 0 or sum(args.mix) > 1:
-        parser.error(f"--mix {args.mix[0]} {args.mix[1]}: shares of clips, at least 0 and summing to at most 1")
     if args.direction_probe < 0:
         parser.error(f"--direction-probe {args.direction_probe}: a loss weight, at least 0")
     if not args.probe_until > 0:  # nan as well
         parser.error(f"--probe-until {args.probe_until}: a rise of the loss, above 0 (inf: the probe stays on)")
-    if not 0 <= args.given_t_min < TRAIN_TIMESTEPS:
-        parser.error(f"--given-t-min {args.given_t_min}: a noise level from 0 to {TRAIN_TIMESTEPS - 1}")
-    if args.motion_pilot:
-        from unlearn import load_base_pipeline
-        out = args.motion_pilot
-        if os.path.abspath(out) == TOY_DIR or (os.path.isdir(out) and os.listdir(out)):
-            parser.error(f"--motion-pilot {out}: choose a new or empty folder (toy/ stays as built)")
-        torch.manual_seed(0)
-        pipe = load_base_pipeline("toy")
-        motion_pilot(pipe, random.Random(0))
-        pipe.save_pretrained(out)
-        args.out, args.check = out, True
     if not args.check:
         from diffusers import CogVideoXPipeline
         start = time.time()
@@ -628,12 +542,9 @@ def main():
         colour_ok, direction_ok = check_vae(vae, rng)
         print(f"VAE reconstructions read by the judge: colour {100 * colour_ok:.0f} %, "
               f"direction {100 * direction_ok:.0f} %")
-        if any(args.mix):  # the stream the mixed builds of docs/experiments.md, section 2, were measured with
-            rng = random.Random(args.seed + 1)
         scenes, latents = encode_dataset(vae, rng, args.scenes)
-        train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng, (args.steps, 0, 0),
-                          given_t_min=args.given_t_min, mix=tuple(args.mix), probe=args.direction_probe,
-                          probe_until=args.probe_until)
+        train_transformer(transformer, text_encoder, tokenizer, scheduler, scenes, latents, rng, args.steps,
+                          probe=args.direction_probe, probe_until=args.probe_until)
         pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                  transformer=transformer, scheduler=scheduler)
         pipe.save_pretrained(args.out)
