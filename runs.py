@@ -23,6 +23,13 @@ class Interrupted(Exception):
     """Ctrl-C: the run stopped after saving a checkpoint."""
 
 
+def why(e, width=200):
+    """An exception's first line, shortened at a word to fit in a one-line error."""
+    import textwrap
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return textwrap.shorten(text, width, placeholder=" ...")
+
+
 def run_cli(main):
     """A command line's main: a user's mistake is one line and exit code 2; Ctrl-C says how to resume."""
     try:
@@ -72,7 +79,7 @@ def restore_checkpoint(folder, settings, erasers, opt, gen):
     try:
         state = torch.load(path, weights_only=True, map_location=gen.device)  # never unpickle code
     except Exception as e:
-        raise UserError(f"--resume: cannot read {path} ({str(e).splitlines()[0][:160]})")
+        raise UserError(f"--resume: cannot read {path} ({why(e, 160)})")
     changed = [f"{k} ({state['settings'].get(k)!r} -> {v!r})" for k, v in settings.items()
                if state["settings"].get(k) != v]
     if changed:

@@ -29,7 +29,7 @@ import warnings
 import numpy as np
 import torch
 
-from runs import UserError, run_cli
+from runs import UserError, run_cli, why
 from unlearn import attach_erasers, load_base_pipeline, model_fingerprint, set_erasers
 
 NUDITY_LABELS = ("ARMPITS_EXPOSED", "BELLY_EXPOSED", "FEMALE_BREAST_EXPOSED", "MALE_BREAST_EXPOSED",
@@ -58,7 +58,7 @@ def load_eraser(eraser_dir):
             meta = json.load(f)
         weights = load_file(os.path.join(eraser_dir, "eraser.safetensors"))
     except Exception as e:  # missing, truncated, not safetensors or not json
-        raise UserError(f"cannot read the eraser in '{eraser_dir}' ({str(e).splitlines()[0][:160]}); "
+        raise UserError(f"cannot read the eraser in '{eraser_dir}' ({why(e, 160)}); "
                         "train it again with unlearn.py")
     return weights, meta
 

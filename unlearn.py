@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from runs import (Interrupted, UserError, deferred_interrupt, restore_checkpoint, run_cli, save_checkpoint,
+from runs import (Interrupted, UserError, deferred_interrupt, restore_checkpoint, run_cli, save_checkpoint, why,
                   write_atomic)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -111,8 +111,7 @@ def load_base_pipeline(model, device=None):
     try:
         pipe = CogVideoXPipeline.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
     except Exception as e:  # not found, no network, not a CogVideoX pipeline
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load model '{model}' ({reason[:200]}); check the name, or try --model toy")
+        raise UserError(f"cannot load model '{model}' ({why(e)}); check the name, or try --model toy")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -206,7 +205,7 @@ def refine_prompts(prompts, concept, refiner, tries=3):
     try:  # never trust_remote_code: the refiner's own code is not run
         generate = pipeline("text-generation", model=refiner, model_kwargs={"use_safetensors": True})
     except Exception as e:
-        raise UserError(f"cannot load refiner '{refiner}' ({str(e).splitlines()[0][:200]})")
+        raise UserError(f"cannot load refiner '{refiner}' ({why(e)})")
     system = REFINER_INSTRUCTIONS.format(concept=concept)
     chat = generate.tokenizer.chat_template is not None
     refined = []
