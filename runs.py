@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import sys
+import textwrap
 
 import torch
 
@@ -25,7 +26,6 @@ class Interrupted(Exception):
 
 def why(e, width=200):
     """An exception's first line, shortened at a word to fit in a one-line error."""
-    import textwrap
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return textwrap.shorten(text, width, placeholder=" ...")
 

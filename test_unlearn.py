@@ -315,7 +315,10 @@ def test_x_t_comes_from_the_frozen_models_trajectories_of_the_concept_prompts(ti
     tokens, embeds = unlearn.encode_run_prompts(pipe, "red", prompts, anchors, preserved)
     r = unlearn.setup_training(args, pipe, embeds, tokens, log=lambda *_: None)
     shape = unlearn.video_shape(pipe, args.num_frames, args.height, args.width)
-    with torch.no_grad():  # the pool again, by the scheduler's own step, one prompt at a time
+    pipe.scheduler.set_timesteps(args.xt_steps)  # DDIM's steps on the pipeline's schedule, whatever its sampler
+    assert type(r.xt.scheduler).__name__ == "CogVideoXDDIMScheduler"
+    assert torch.equal(r.xt.scheduler.timesteps, pipe.scheduler.timesteps)
+    with torch.no_grad():  # the pool again, step by step, one prompt at a time
         gen = torch.Generator().manual_seed(args.seed)
         for i, cond in enumerate(embeds["concept"]):
             x = torch.randn((1, *shape), generator=gen)

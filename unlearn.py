@@ -323,8 +323,9 @@ class NoisyLatents:
     """
 
     def __init__(self, kind, transformer, scheduler, embeds, uncond, rotary, shape, guidance, steps, gen):
-        from diffusers import CogVideoXDDIMScheduler  # DDIM's step on the pipeline's schedule, whichever
-        self.scheduler = CogVideoXDDIMScheduler.from_config(scheduler.config)  # sampler it ships (DPM's differs)
+        # DDIM on the pipeline's own schedule, whichever sampler it ships: the DPM one's step takes other arguments
+        from diffusers import CogVideoXDDIMScheduler
+        self.scheduler = CogVideoXDDIMScheduler.from_config(scheduler.config)
         self.kind, self.transformer, self.embeds, self.uncond, self.rotary, self.shape, self.guidance, self.gen = \
             kind, transformer, embeds, uncond, rotary, shape, guidance, gen
         self.scheduler.set_timesteps(steps, device=embeds.device)
