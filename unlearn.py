@@ -299,6 +299,7 @@ def free_text_encoder_and_vae(pipe):
 def sample_latents(transformer, scheduler, noise, cond, uncond, rotary, guidance, steps=None):
     """Denoise from `noise` with classifier-free guidance for `steps` of the scheduler's steps.
 
+    `scheduler` steps as DDIM's does, `step(v, t, x)`: NoisyLatents makes one from any pipeline's.
     Returns the latent before each step and after the last: (steps + 1, B, F', C, H', W').
     """
     x, xs = noise, [noise]
