@@ -212,6 +212,14 @@ def _to_frames(video):
     return video / 255 if video.max() > 1.5 else video
 
 
+def pixel_colours(video):
+    """(F, H, W) int: each pixel's palette colour (its index in PALETTE), -1 where none is within 0.3."""
+    frames = _to_frames(video)  # (F, H, W, 3)
+    palette = np.array(list(PALETTE.values()), dtype=np.float32) / 255  # (6, 3)
+    dist = np.linalg.norm(frames[..., None, :] - palette, axis=-1)  # (F, H, W, 6)
+    return np.where(dist.min(-1) < 0.3, dist.argmin(-1), -1)
+
+
 def describe(video, min_area=48, min_move=5):
     """The squares a video shows: [{'colour', 'direction', 'area'}], largest first.
 
@@ -220,14 +228,9 @@ def describe(video, min_area=48, min_move=5):
     256). Its direction is that of its centroid from the first two frames to the last two,
     or 'still' if it moved less than `min_move` px.
     """
-    frames = _to_frames(video)  # (F, H, W, 3)
-    names = list(PALETTE)
-    palette = np.array([PALETTE[c] for c in names], dtype=np.float32) / 255  # (6, 3)
-    dist = np.linalg.norm(frames[..., None, :] - palette, axis=-1)  # (F, H, W, 6)
-    nearest, close = dist.argmin(-1), dist.min(-1) < 0.3
-    found = []
-    for i, colour in enumerate(names):
-        mask = (nearest == i) & close  # (F, H, W)
+    labels, found = pixel_colours(video), []
+    for i, colour in enumerate(PALETTE):
+        mask = labels == i  # (F, H, W)
         area = mask.sum(axis=(1, 2))
         if area.mean() < min_area:
             continue
