@@ -393,6 +393,29 @@ def test_erasing_red_keeps_orange_yellow_and_the_second_square(red_reports):
     assert after["yellow"] >= before["yellow"] - 0.05 - 1e-9
 
 
+def test_target_preview_is_the_stock_pipeline_at_eta_0_and_erases_at_eta_3(toy_pipe):
+    from diagnose import TargetPreview
+    prompts = ["a red square moving left", "an orange box sliding up and a crimson tile moving right"]
+    stock = np.array(generate(toy_pipe, prompts, seed=3, steps=8))
+    assert np.abs(np.array(generate(TargetPreview(toy_pipe, [], 0.0), prompts, seed=3, steps=8)) - stock).max() < 1e-4
+    anchor_prompts = ["a square moving left", prompts[1].replace("crimson ", "")]
+    anchors = np.array(generate(toy_pipe, anchor_prompts, seed=3, steps=8))
+    at_anchor = np.array(generate(TargetPreview(toy_pipe, ["red", "crimson"], 0.0), prompts, seed=3, steps=8))
+    assert np.abs(at_anchor - anchors).max() < 1e-4
+    erased = generate(TargetPreview(toy_pipe, ["red"], 3.0), ["a red square moving left"] * 4, seed=3)
+    assert all("red" not in {s["colour"] for s in toy.describe(v)} for v in erased)
+
+
+def test_token_cover_finds_the_tokens_a_square_crosses():
+    from diagnose import token_cover
+    scene = [dict(colour="green", direction="right", x=8, y=40)]  # 16 px a token: x 8-24 -> 24-40, rows 40-56
+    video = toy.render(scene)
+    cover = token_cover(video, "green", (3, 4, 4), 4, 16).reshape(3, 4, 4)
+    assert cover[0].nonzero()[1].tolist() == [0, 1, 0, 1] and set(cover[0].nonzero()[0].tolist()) == {2, 3}
+    assert cover[2, 2:, 1:3].all() and not cover[2, :, 0].any() and not cover[:, :2].any()
+    assert not token_cover(video, "red", (3, 4, 4), 4, 16).any()
+
+
 # -----------------------------------------------------------------------------
 # Bad input: one line, exit code 2, nothing written
 

@@ -1,0 +1,153 @@
+"""diagnose.py: where an erasure's collateral damage comes from, measured on the toy.
+
+    python diagnose.py target --concept red --words red crimson scarlet   # what the erasing loss asks for
+    python diagnose.py masks --concept red                                # where the concept masks fall
+
+`target`: the erasers are trained towards Eq. 1's target v_neg; at best the erased model
+follows it. This samples the frozen model with v_neg in place of v(x_t, c) at every step
+(classifier-free guidance on top, as the pipeline does) and measures the videos with
+`toy.erasure_report`, as an erased model is measured: what the loss asks for, before any
+training. If the target itself loses a second square, no eraser that meets it keeps it.
+
+`masks`: the localization loss keeps each eraser's output at zero outside its concept mask,
+so it can spare a second square only where the masks leave that square out. This samples
+the frozen model on scenes of a square of the concept's colour beside one of another colour,
+and prints, for each block and sampling step, the mean mask on the video tokens that hold
+only the concept's square, only the other one, and neither.
+"""
+
+import argparse
+import functools
+import random
+import types
+
+import numpy as np
+import torch
+
+import toy
+from runs import UserError, run_cli
+from unlearn import (attach_erasers, concept_mask, concept_tokens, encode_prompts, is_toy, load_base_pipeline,
+                     negative_guidance_target, processors, rotary_embeddings, sample_latents, substitute, token_grid,
+                     video_shape)
+
+
+class TargetPreview:
+    """Called like a CogVideoXPipeline; samples the frozen model with Eq. 1's target for v(x_t, c).
+
+    The anchor is the prompt with `words` removed (unlearn.py's default anchor) or, with
+    `anchor="empty"`, the empty prompt. With `eta=0` and no words it is the stock pipeline.
+    """
+
+    def __init__(self, pipe, words, eta, anchor="removed"):
+        self.pipe, self.words, self.eta, self.anchor = pipe, list(words), eta, anchor
+
+    def _anchor(self, prompt):
+        if self.anchor == "empty":
+            return ""
+        return functools.reduce(lambda p, w: substitute(p, w, ""), self.words, prompt)
+
+    @torch.no_grad()
+    def __call__(self, prompt, num_inference_steps=50, generator=None, output_type="np", guidance_scale=6.0):
+        pipe, prompts = self.pipe, [prompt] if isinstance(prompt, str) else list(prompt)
+        cond, anchor = encode_prompts(pipe, prompts), encode_prompts(pipe, [self._anchor(p) for p in prompts])
+        uncond = encode_prompts(pipe, [""]).expand(len(prompts), -1, -1)
+        cfg = pipe.transformer.config
+        shape = video_shape(pipe, cfg.sample_frames, cfg.sample_height * pipe.vae_scale_factor_spatial,
+                            cfg.sample_width * pipe.vae_scale_factor_spatial)
+        noise = torch.randn((len(prompts), *shape), generator=generator).to(pipe.device, cond.dtype)
+        pipe.scheduler.set_timesteps(num_inference_steps, device=pipe.device)
+
+        def velocity(hidden_states, encoder_hidden_states, timestep, image_rotary_emb, return_dict):
+            # sample_latents asks for [v(x, uncond); v(x, c)]: the second half becomes v_neg
+            x, n = hidden_states.chunk(2)[1], len(prompts)
+            v = pipe.transformer(hidden_states=torch.cat([x, x, x]), timestep=timestep[:n].repeat(3),
+                                 encoder_hidden_states=torch.cat([uncond, cond, anchor]),
+                                 image_rotary_emb=image_rotary_emb, return_dict=False)[0]
+            v_uncond, v_cond, v_anchor = v.chunk(3)
+            return (torch.cat([v_uncond, negative_guidance_target(v_cond, v_anchor, self.eta)]),)
+
+        latents = sample_latents(velocity, pipe.scheduler, noise, cond, uncond, rotary_embeddings(pipe, shape),
+                                 guidance_scale)[-1]
+        frames = pipe.video_processor.postprocess_video(pipe.decode_latents(latents), output_type=output_type)
+        return types.SimpleNamespace(frames=frames)
+
+
+def token_cover(video, colour, grid, temporal, patch):
+    """(N_video,) bool: the video tokens (frames, h, w as `grid`) whose pixels hold at least a tenth of `colour`."""
+    pixels = toy.pixel_colours(video) == list(toy.PALETTE).index(colour)  # (F, H, W)
+    frames, h, w = grid
+    groups = [pixels[:1]] + [pixels[1 + temporal * i:1 + temporal * (i + 1)] for i in range(frames - 1)]
+    share = np.stack([g.mean(0).reshape(h, patch, w, patch).mean((1, 3)) for g in groups])
+    return share.reshape(-1) > 0.1
+
+
+@torch.no_grad()
+def mask_coverage(pipe, concept, threshold=0.1, n=16, steps=20, seed=5):
+    """{(sampling step, block): mean mask on [concept-only tokens, other-only tokens, neither]}.
+
+    Two-square scenes: a square of `concept` (a toy colour) beside one of each other colour in
+    turn; a video counts only where the frozen model drew both.
+    """
+    rng, others = random.Random(seed), [c for c in toy.PALETTE if c != concept]
+    scenes = [toy.random_scene(rng, colours=[concept, others[i % len(others)]]) for i in range(n)]
+    prompts = [toy.make_prompt(rng, s, words=[concept, s[1]["colour"]]) for s in scenes]
+    cfg, transformer = pipe.transformer.config, pipe.transformer
+    shape = video_shape(pipe, cfg.sample_frames, cfg.sample_height * pipe.vae_scale_factor_spatial,
+                        cfg.sample_width * pipe.vae_scale_factor_spatial)
+    rotary, grid = rotary_embeddings(pipe, shape), token_grid(transformer, shape)
+    cond, uncond = encode_prompts(pipe, prompts), encode_prompts(pipe, [""]).expand(n, -1, -1)
+    tokens = concept_tokens(pipe.tokenizer, prompts, concept, cfg.max_text_seq_length)
+    pipe.scheduler.set_timesteps(steps)
+    noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+    _, state = attach_erasers(transformer, 1)  # zero erasers: they only record the concept attention
+    state.enabled = False
+    xs = sample_latents(transformer, pipe.scheduler, noise, cond, uncond, rotary, 6.0)
+    videos = pipe.video_processor.postprocess_video(pipe.decode_latents(xs[-1]), output_type="np")
+    size = pipe.vae_scale_factor_spatial * cfg.patch_size
+    regions = []
+    for video, scene in zip(videos, scenes):
+        mine = token_cover(video, concept, grid, pipe.vae_scale_factor_temporal, size)
+        other = token_cover(video, scene[1]["colour"], grid, pipe.vae_scale_factor_temporal, size)
+        drawn = {s["colour"] for s in toy.describe(video)} >= {concept, scene[1]["colour"]}
+        regions.append((mine & ~other, other & ~mine, ~mine & ~other) if drawn else None)
+    table = {}
+    for k in range(0, steps, max(1, steps // 5)):
+        state.tokens = tokens
+        transformer(hidden_states=xs[k], encoder_hidden_states=cond, timestep=pipe.scheduler.timesteps[k].expand(n),
+                    image_rotary_emb=rotary, return_dict=False)
+        state.tokens = None
+        for block, proc in enumerate(processors(transformer)):
+            masks = concept_mask(proc.attention, grid, threshold, torch.ones(n, dtype=torch.bool)).numpy()
+            table[k, block] = [float(np.mean(np.concatenate([m[r[j]] for m, r in zip(masks, regions) if r])))
+                               for j in range(3)]
+    return table
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["target", "masks"])
+    p.add_argument("--model", default="toy", help="a toy pipeline: 'toy' or a folder toy.py built")
+    p.add_argument("--concept", default="red", help="a toy colour")
+    p.add_argument("--words", nargs="+", default=None, help="target: words the anchor removes (default: the concept)")
+    p.add_argument("--eta", type=float, default=3.0, help="target: Eq. 1's eta (default 3)")
+    p.add_argument("--anchor", choices=["removed", "empty"], default="removed", help="target: Eq. 1's anchor")
+    p.add_argument("--threshold", type=float, default=0.1, help="masks: the concept mask threshold (default 0.1)")
+    p.add_argument("--seed", type=int, default=11, help="target: toy.erasure_report's seed (default 11)")
+    args = p.parse_args()
+    if args.concept not in toy.PALETTE:
+        raise UserError(f"--concept {args.concept}: not a toy colour; use one of {', '.join(toy.PALETTE)}")
+    if not is_toy(args.model):
+        raise UserError(f"--model {args.model}: not a toy pipeline; diagnose.py measures with the toy's judge")
+    pipe = load_base_pipeline(args.model)
+    if args.what == "target":
+        preview = TargetPreview(pipe, args.words or [args.concept], args.eta, args.anchor)
+        report = toy.erasure_report(preview, args.concept, seed=args.seed)
+        print(toy.format_table({f"target, eta {args.eta:g}": report}))
+    else:
+        print("step block   concept-only  other-only  neither")
+        for (k, block), means in mask_coverage(pipe, args.concept, args.threshold).items():
+            print(f"{k:4d} {block:5d}   " + "  ".join(f"{m:10.2f}" for m in means))
+
+
+if __name__ == "__main__":
+    run_cli(main)
