@@ -35,16 +35,17 @@ class TargetPreview:
     """Called like a CogVideoXPipeline; samples the frozen model with Eq. 1's target for v(x_t, c).
 
     The anchor is the prompt with `words` removed (unlearn.py's default anchor) or, with
-    `anchor="empty"`, the empty prompt. With `eta=0` and no words it is the stock pipeline.
+    `anchor="empty"`, the empty prompt; prompts that name none of the words keep v(x_t, c), as
+    the erasers are trained on concept prompts only. With no words it is the stock pipeline.
     """
 
     def __init__(self, pipe, words, eta, anchor="removed"):
         self.pipe, self.words, self.eta, self.anchor = pipe, list(words), eta, anchor
 
     def _anchor(self, prompt):
-        if self.anchor == "empty":
-            return ""
-        return functools.reduce(lambda p, w: substitute(p, w, ""), self.words, prompt)
+        removed = functools.reduce(lambda p, w: substitute(p, w, ""), self.words, prompt)
+        # a prompt that names none of the words is not a concept prompt: its target is v(x_t, c) itself
+        return "" if self.anchor == "empty" and removed != prompt else removed
 
     @torch.no_grad()
     def __call__(self, prompt, num_inference_steps=50, generator=None, output_type="np", guidance_scale=6.0):

@@ -402,6 +402,8 @@ def test_target_preview_is_the_stock_pipeline_at_eta_0_and_erases_at_eta_3(toy_p
     anchors = np.array(generate(toy_pipe, anchor_prompts, seed=3, steps=8))
     at_anchor = np.array(generate(TargetPreview(toy_pipe, ["red", "crimson"], 0.0), prompts, seed=3, steps=8))
     assert np.abs(at_anchor - anchors).max() < 1e-4
+    untouched = generate(TargetPreview(toy_pipe, ["blue"], 3.0, anchor="empty"), prompts, seed=3, steps=8)
+    assert np.abs(np.array(untouched) - stock).max() < 1e-4  # they name no erased word: not concept prompts
     erased = generate(TargetPreview(toy_pipe, ["red"], 3.0), ["a red square moving left"] * 4, seed=3)
     assert all("red" not in {s["colour"] for s in toy.describe(v)} for v in erased)
 
