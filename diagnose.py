@@ -84,7 +84,8 @@ def token_cover(video, colour, grid, temporal, patch):
 
 @torch.no_grad()
 def mask_coverage(pipe, concept, threshold=0.1, n=16, steps=20, seed=5):
-    """{(sampling step, block): mean mask on [concept-only tokens, other-only tokens, neither]}.
+    """{(sampling step, block): mean mask on [concept-only tokens, other-only tokens, neither]}, and
+    how many of the n videos it counts.
 
     Two-square scenes: a square of `concept` (a toy colour) beside one of each other colour in
     turn; a video counts only where the frozen model drew both.
@@ -121,7 +122,7 @@ def mask_coverage(pipe, concept, threshold=0.1, n=16, steps=20, seed=5):
             masks = concept_mask(proc.attention, grid, threshold, torch.ones(n, dtype=torch.bool)).numpy()
             table[k, block] = [float(np.mean(np.concatenate([m[r[j]] for m, r in zip(masks, regions) if r])))
                                for j in range(3)]
-    return table
+    return table, sum(r is not None for r in regions)
 
 
 def main():
@@ -145,8 +146,10 @@ def main():
         report = toy.erasure_report(preview, args.concept, seed=args.seed)
         print(toy.format_table({f"target, eta {args.eta:g}": report}))
     else:
+        table, used = mask_coverage(pipe, args.concept, args.threshold)
+        print(f"{used} of 16 videos show both squares; the mean mask on their tokens:")
         print("step block   concept-only  other-only  neither")
-        for (k, block), means in mask_coverage(pipe, args.concept, args.threshold).items():
+        for (k, block), means in table.items():
             print(f"{k:4d} {block:5d}   " + "  ".join(f"{m:10.2f}" for m in means))
 
 
