@@ -23,6 +23,7 @@ import types
 
 import numpy as np
 import torch
+from diffusers import CogVideoXDDIMScheduler
 
 import toy
 from runs import UserError, run_cli
@@ -36,7 +37,8 @@ class TargetPreview:
 
     The anchor is the prompt with `words` removed (unlearn.py's default anchor) or, with
     `anchor="empty"`, the empty prompt; prompts that name none of the words keep v(x_t, c), as
-    the erasers are trained on concept prompts only. With no words it is the stock pipeline.
+    the erasers are trained on concept prompts only. With no words it is the stock pipeline
+    (sampled by DDIM on the pipeline's schedule, as unlearn.py samples x_t).
     """
 
     def __init__(self, pipe, words, eta, anchor="removed"):
@@ -56,7 +58,8 @@ class TargetPreview:
         shape = video_shape(pipe, cfg.sample_frames, cfg.sample_height * pipe.vae_scale_factor_spatial,
                             cfg.sample_width * pipe.vae_scale_factor_spatial)
         noise = torch.randn((len(prompts), *shape), generator=generator).to(pipe.device, cond.dtype)
-        pipe.scheduler.set_timesteps(num_inference_steps, device=pipe.device)
+        scheduler = CogVideoXDDIMScheduler.from_config(pipe.scheduler.config)  # sample_latents steps as DDIM
+        scheduler.set_timesteps(num_inference_steps, device=pipe.device)
 
         def velocity(hidden_states, encoder_hidden_states, timestep, image_rotary_emb, return_dict):
             # sample_latents asks for [v(x, uncond); v(x, c)]: the second half becomes v_neg
@@ -67,7 +70,7 @@ class TargetPreview:
             v_uncond, v_cond, v_anchor = v.chunk(3)
             return (torch.cat([v_uncond, negative_guidance_target(v_cond, v_anchor, self.eta)]),)
 
-        latents = sample_latents(velocity, pipe.scheduler, noise, cond, uncond, rotary_embeddings(pipe, shape),
+        latents = sample_latents(velocity, scheduler, noise, cond, uncond, rotary_embeddings(pipe, shape),
                                  guidance_scale)[-1]
         frames = pipe.video_processor.postprocess_video(pipe.decode_latents(latents), output_type=output_type)
         return types.SimpleNamespace(frames=frames)
@@ -88,7 +91,8 @@ def mask_coverage(pipe, concept, threshold=0.1, n=16, steps=20, seed=5):
     how many of the n videos it counts.
 
     Two-square scenes: a square of `concept` (a toy colour) beside one of each other colour in
-    turn; a video counts only where the frozen model drew both.
+    turn; a video counts only where the frozen model drew both. Zero erasers are attached to
+    `pipe`'s transformer (switched off) to record the concept attention.
     """
     rng, others = random.Random(seed), [c for c in toy.PALETTE if c != concept]
     scenes = [toy.random_scene(rng, colours=[concept, others[i % len(others)]]) for i in range(n)]
@@ -112,6 +116,8 @@ def mask_coverage(pipe, concept, threshold=0.1, n=16, steps=20, seed=5):
         other = token_cover(video, scene[1]["colour"], grid, pipe.vae_scale_factor_temporal, size)
         drawn = {s["colour"] for s in toy.describe(video)} >= {concept, scene[1]["colour"]}
         regions.append((mine & ~other, other & ~mine, ~mine & ~other) if drawn else None)
+    if not any(regions):
+        raise UserError(f"the model drew both squares in none of the {n} videos: no mask to measure")
     table = {}
     for k in range(0, steps, max(1, steps // 5)):
         state.tokens = tokens
@@ -138,6 +144,8 @@ def main():
     args = p.parse_args()
     if args.concept not in toy.PALETTE:
         raise UserError(f"--concept {args.concept}: not a toy colour; use one of {', '.join(toy.PALETTE)}")
+    if not (args.eta >= 0 and 0 <= args.threshold < 1):
+        raise UserError("--eta must be >= 0 and --threshold in [0, 1)")
     if not is_toy(args.model):
         raise UserError(f"--model {args.model}: not a toy pipeline; diagnose.py measures with the toy's judge")
     pipe = load_base_pipeline(args.model)
