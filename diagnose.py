@@ -23,13 +23,23 @@ import types
 
 import numpy as np
 import torch
-from diffusers import CogVideoXDDIMScheduler
 
 import toy
 from runs import UserError, run_cli
-from unlearn import (attach_erasers, concept_mask, concept_tokens, encode_prompts, is_toy, load_base_pipeline,
-                     negative_guidance_target, processors, rotary_embeddings, sample_latents, substitute, token_grid,
-                     video_shape)
+from unlearn import (attach_erasers, concept_mask, concept_tokens, ddim_sampler, encode_prompts, is_toy,
+                     load_base_pipeline, negative_guidance_target, processors, resolve_size, rotary_embeddings,
+                     sample_latents, substitute, token_grid, video_shape)
+
+
+def native_shape(pipe):
+    """Latent shape (F', C, H', W') of a video of the size the model was made for."""
+    size = argparse.Namespace(num_frames=None, height=None, width=None)
+    resolve_size(pipe, size)
+    return video_shape(pipe, size.num_frames, size.height, size.width)
+
+
+def decode(pipe, latents, output_type="np"):
+    return pipe.video_processor.postprocess_video(pipe.decode_latents(latents), output_type=output_type)
 
 
 class TargetPreview:
@@ -54,12 +64,8 @@ class TargetPreview:
         pipe, prompts = self.pipe, [prompt] if isinstance(prompt, str) else list(prompt)
         cond, anchor = encode_prompts(pipe, prompts), encode_prompts(pipe, [self._anchor(p) for p in prompts])
         uncond = encode_prompts(pipe, [""]).expand(len(prompts), -1, -1)
-        cfg = pipe.transformer.config
-        shape = video_shape(pipe, cfg.sample_frames, cfg.sample_height * pipe.vae_scale_factor_spatial,
-                            cfg.sample_width * pipe.vae_scale_factor_spatial)
+        shape = native_shape(pipe)
         noise = torch.randn((len(prompts), *shape), generator=generator).to(pipe.device, cond.dtype)
-        scheduler = CogVideoXDDIMScheduler.from_config(pipe.scheduler.config)  # sample_latents steps as DDIM
-        scheduler.set_timesteps(num_inference_steps, device=pipe.device)
 
         def velocity(hidden_states, encoder_hidden_states, timestep, image_rotary_emb, return_dict):
             # sample_latents asks for [v(x, uncond); v(x, c)]: the second half becomes v_neg
@@ -70,10 +76,9 @@ class TargetPreview:
             v_uncond, v_cond, v_anchor = v.chunk(3)
             return (torch.cat([v_uncond, negative_guidance_target(v_cond, v_anchor, self.eta)]),)
 
-        latents = sample_latents(velocity, scheduler, noise, cond, uncond, rotary_embeddings(pipe, shape),
-                                 guidance_scale)[-1]
-        frames = pipe.video_processor.postprocess_video(pipe.decode_latents(latents), output_type=output_type)
-        return types.SimpleNamespace(frames=frames)
+        latents = sample_latents(velocity, ddim_sampler(pipe.scheduler, num_inference_steps, pipe.device), noise,
+                                 cond, uncond, rotary_embeddings(pipe, shape), guidance_scale)[-1]
+        return types.SimpleNamespace(frames=decode(pipe, latents, output_type))
 
 
 def token_cover(video, colour, grid, temporal, patch):
@@ -97,18 +102,16 @@ def mask_coverage(pipe, concept, threshold=0.1, n=16, steps=20, seed=5):
     rng, others = random.Random(seed), [c for c in toy.PALETTE if c != concept]
     scenes = [toy.random_scene(rng, colours=[concept, others[i % len(others)]]) for i in range(n)]
     prompts = [toy.make_prompt(rng, s, words=[concept, s[1]["colour"]]) for s in scenes]
-    cfg, transformer = pipe.transformer.config, pipe.transformer
-    shape = video_shape(pipe, cfg.sample_frames, cfg.sample_height * pipe.vae_scale_factor_spatial,
-                        cfg.sample_width * pipe.vae_scale_factor_spatial)
+    cfg, transformer, shape = pipe.transformer.config, pipe.transformer, native_shape(pipe)
     rotary, grid = rotary_embeddings(pipe, shape), token_grid(transformer, shape)
     cond, uncond = encode_prompts(pipe, prompts), encode_prompts(pipe, [""]).expand(n, -1, -1)
     tokens = concept_tokens(pipe.tokenizer, prompts, concept, cfg.max_text_seq_length)
-    pipe.scheduler.set_timesteps(steps)
+    scheduler = ddim_sampler(pipe.scheduler, steps)
     noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
     _, state = attach_erasers(transformer, 1)  # zero erasers: they only record the concept attention
     state.enabled = False
-    xs = sample_latents(transformer, pipe.scheduler, noise, cond, uncond, rotary, 6.0)
-    videos = pipe.video_processor.postprocess_video(pipe.decode_latents(xs[-1]), output_type="np")
+    xs = sample_latents(transformer, scheduler, noise, cond, uncond, rotary, 6.0)
+    videos = decode(pipe, xs[-1])
     size = pipe.vae_scale_factor_spatial * cfg.patch_size
     regions = []
     for video, scene in zip(videos, scenes):
@@ -121,7 +124,7 @@ def mask_coverage(pipe, concept, threshold=0.1, n=16, steps=20, seed=5):
     table = {}
     for k in range(0, steps, max(1, steps // 5)):
         state.tokens = tokens
-        transformer(hidden_states=xs[k], encoder_hidden_states=cond, timestep=pipe.scheduler.timesteps[k].expand(n),
+        transformer(hidden_states=xs[k], encoder_hidden_states=cond, timestep=scheduler.timesteps[k].expand(n),
                     image_rotary_emb=rotary, return_dict=False)
         state.tokens = None
         for block, proc in enumerate(processors(transformer)):

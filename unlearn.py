@@ -299,7 +299,7 @@ def free_text_encoder_and_vae(pipe):
 def sample_latents(transformer, scheduler, noise, cond, uncond, rotary, guidance, steps=None):
     """Denoise from `noise` with classifier-free guidance for `steps` of the scheduler's steps.
 
-    `scheduler` steps as DDIM's does, `step(v, t, x)`: NoisyLatents makes one from any pipeline's.
+    `scheduler` steps as DDIM's does, `step(v, t, x)`: `ddim_sampler` makes one from any pipeline's.
     Returns the latent before each step and after the last: (steps + 1, B, F', C, H', W').
     """
     x, xs = noise, [noise]
@@ -310,6 +310,15 @@ def sample_latents(transformer, scheduler, noise, cond, uncond, rotary, guidance
         x = scheduler.step(v_uncond + guidance * (v_cond - v_uncond), t, x, return_dict=False)[0].to(noise.dtype)
         xs.append(x)
     return torch.stack(xs)
+
+
+def ddim_sampler(scheduler, steps, device=None):
+    """DDIM on a pipeline's own schedule, set to `steps` steps, whichever sampler the pipeline ships
+    (the DPM one's step takes other arguments): what `sample_latents` steps with."""
+    from diffusers import CogVideoXDDIMScheduler
+    ddim = CogVideoXDDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(steps, device=device)
+    return ddim
 
 
 class NoisyLatents:
@@ -324,12 +333,9 @@ class NoisyLatents:
     """
 
     def __init__(self, kind, transformer, scheduler, embeds, uncond, rotary, shape, guidance, steps, gen):
-        # DDIM on the pipeline's own schedule, whichever sampler it ships: the DPM one's step takes other arguments
-        from diffusers import CogVideoXDDIMScheduler
-        self.scheduler = CogVideoXDDIMScheduler.from_config(scheduler.config)
+        self.scheduler = ddim_sampler(scheduler, steps, embeds.device)
         self.kind, self.transformer, self.embeds, self.uncond, self.rotary, self.shape, self.guidance, self.gen = \
             kind, transformer, embeds, uncond, rotary, shape, guidance, gen
-        self.scheduler.set_timesteps(steps, device=embeds.device)
         self.pool = None
         if kind == "pool":  # one prompt at a time: no more memory than sampling the model
             chunks = [self._sample(i[None]) for i in tqdm(torch.arange(len(embeds)), desc="x_t pool")]
