@@ -6,7 +6,7 @@ everything else as before.
 
     python unlearn.py --model toy --concept red      # the toy model, under a minute on a CPU
     python unlearn.py --concept "nudity"             # CogVideoX-2B on one GPU
-    python unlearn.py --model THUDM/CogVideoX-5b --concept "nudity" --num-frames 17
+    python unlearn.py --model THUDM/CogVideoX-5b --concept "nudity"
 
 The steps, in the order they run (the README and notebook.ipynb use the same numbers):
   1. Load the pipeline            5. Teacher velocities and the negatively guided target
@@ -14,11 +14,12 @@ The steps, in the order they run (the README and notebook.ipynb use the same num
   3. Encode the prompts once      7. Losses: erasing, localization, preservation
   4. Make the noisy latents x_t   8. Erasers and the training loop
                                   9. Save the eraser
+On a GPU each part of the pipeline is there only while it works: the refiner (step 2), then
+the text encoder (step 3), then the transformer alone (steps 4-8).
 """
 
 import argparse
 import contextlib
-import functools
 import gc
 import json
 import math
@@ -31,11 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from prompts import TOY, concept_pattern, concept_templates, default_preserve, fill, refine_prompts, substitute
 from runs import (Interrupted, UserError, deferred_interrupt, restore_checkpoint, run_cli, save_checkpoint, why,
                   write_atomic)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TOY = os.path.join(HERE, "toy")
+TRAIN_FRAMES = 17  # default training length: see --num-frames
 
 
 # -----------------------------------------------------------------------------
@@ -52,7 +53,8 @@ def build_parser():
     g = p.add_argument_group("prompts")
     g.add_argument("--num-prompts", type=int, default=32, help="augmented prompts made from templates (8-256)")
     g.add_argument("--prompts-file", default=None, help="more concept prompts, one a line")
-    g.add_argument("--refiner", default=None, help="transformers chat/text model that rewrites each prompt richly")
+    g.add_argument("--refiner", default=None,
+                   help="transformers chat/text model that rewrites each prompt richly (on the GPU, freed after)")
     g.add_argument("--no-augment", action="store_true", help="ablation: train on the bare concept word only")
     g.add_argument("--preserve", action="append", default=None,
                    help="what must survive, put in the concept's place (repeatable; default suits the concept)")
@@ -65,7 +67,7 @@ def build_parser():
     g.add_argument("--mask-threshold", type=float, default=0.1, help="concept mask threshold after min-max (0-1)")
     g.add_argument("--xt", choices=["pool", "sample"], default="pool",
                    help="how x_t is made: a pool of the frozen model's trajectories made once (default), "
-                        "or fresh sampling every step (ESD's, up to --xt-steps passes a step)")
+                        "or ESD's: the model being trained samples afresh every step (up to --xt-steps passes)")
     g.add_argument("--xt-steps", type=int, default=20, help="sampling steps of the trajectories (default 20)")
     g.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance while sampling x_t")
     g = p.add_argument_group("training")
@@ -73,11 +75,19 @@ def build_parser():
     g.add_argument("--steps", type=int, default=500, help="optimizer steps (default 500)")
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     g.add_argument("--batch-size", type=int, default=1, help="concept prompts per step (default 1)")
-    g.add_argument("--num-frames", type=int, default=None, help="video frames (default: the model's own)")
-    g.add_argument("--height", type=int, default=None, help="video height in px (default: the model's own)")
-    g.add_argument("--width", type=int, default=None, help="video width in px (default: the model's own)")
+    g.add_argument("--num-frames", type=int, default=None,
+                   help=f"video frames to train on (default {TRAIN_FRAMES}, or fewer if the model makes fewer: the "
+                        "authors' reported length, and what one 24-80 GB GPU holds for every CogVideoX; the erasers "
+                        "act per token, so they apply to videos of any length, 49 or 81 frames included)")
+    g.add_argument("--height", type=int, default=None,
+                   help="video height in px (default: what the model was made for: 480 for 2B and 5B, 768 for 1.5)")
+    g.add_argument("--width", type=int, default=None,
+                   help="video width in px (default: what the model was made for: 720 for 2B and 5B, 1360 for 1.5)")
     g.add_argument("--seed", type=int, default=0, help="makes a run repeatable on the same machine")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if there is one)")
+    g.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="the backbone's dtype (default bfloat16 on a GPU, float32 on a CPU; fp16 gives NaN); "
+                        "the erasers train in float32 whatever it is")
     g.add_argument("--checkpoint-every", type=int, default=None,
                    help="steps between checkpoints in --output-dir (default: a tenth of --steps)")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output-dir")
@@ -102,25 +112,63 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # 1. Load the pipeline
 
-def load_base_pipeline(model, device=None):
-    """A diffusers CogVideoX pipeline: bf16 on a GPU, fp32 on a CPU. 'toy' means the folder toy/."""
+def pick_device(device=None):
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def pick_dtype(device, dtype=None):
+    """bf16 on a GPU, fp32 on a CPU, unless asked (fp16 gives NaN after the first step: METHOD.md)."""
+    return getattr(torch, dtype) if dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_base_pipeline(model, device=None, dtype=None, move=True):
+    """A diffusers CogVideoX pipeline, in the dtype for `device`. 'toy' means the folder toy/.
+
+    With move=False it stays in CPU memory: unlearn.py moves one part at a time to the GPU.
+    """
     from diffusers import CogVideoXPipeline
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32  # fp16 gives NaN (METHOD.md)
+    device = pick_device(device)
     path = TOY if model == "toy" else model
     try:
-        pipe = CogVideoXPipeline.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
+        pipe = CogVideoXPipeline.from_pretrained(path, torch_dtype=pick_dtype(device, dtype), use_safetensors=True)
     except Exception as e:  # not found, no network, not a CogVideoX pipeline
         raise UserError(f"cannot load model '{model}' ({why(e)}); check the name, or try --model toy")
+    check_servable(pipe, model)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe.to(device) if move else pipe
+
+
+def check_servable(pipe, model):
+    """One line for a pipeline these steps cannot serve, before any work is done."""
+    cfg = pipe.transformer.config
+    if cfg.in_channels != cfg.out_channels:
+        raise UserError(f"'{model}' is an image-to-video model (it reads {cfg.in_channels} latent channels, "
+                        f"draws {cfg.out_channels}); unlearn.py serves text-to-video pipelines")
+    width = getattr(pipe.text_encoder.config, "d_model", None) if pipe.text_encoder is not None else None
+    if width is not None and width != cfg.text_embed_dim:
+        raise UserError(f"'{model}': its text encoder gives {width}-wide embeddings, its transformer reads "
+                        f"{cfg.text_embed_dim}: not a pipeline that can run")
+
+
+def text_length(pipe):
+    """Tokens a prompt is encoded to: what the transformer was built for (226 for every CogVideoX)."""
+    return pipe.transformer.config.max_text_seq_length
+
+
+def native_size(pipe):
+    """(frames, height, width) the model was made for, from its config."""
+    cfg, s = pipe.transformer.config, pipe.vae_scale_factor_spatial
+    height, width = cfg.sample_height * s, cfg.sample_width * s
+    if cfg.patch_size_t:  # CogVideoX 1.5: its sample size (300 latents: 2400 px) bounds its RoPE grid, it is
+        height, width = min(768, height), min(1360, width)  # not a video size; its model card's size, within it
+    return cfg.sample_frames, height, width
 
 
 def resolve_size(pipe, args):
-    """Video size in frames and px: what was asked, else what the model was made for."""
-    cfg, s = pipe.transformer.config, pipe.vae_scale_factor_spatial
-    args.num_frames = args.num_frames or cfg.sample_frames
-    args.height, args.width = args.height or cfg.sample_height * s, args.width or cfg.sample_width * s
+    """Training video size in frames and px: what was asked, else see --num-frames, --height, --width."""
+    frames, height, width = native_size(pipe)
+    args.num_frames = args.num_frames or min(frames, TRAIN_FRAMES)
+    args.height, args.width = args.height or height, args.width or width
 
 
 def video_shape(pipe, num_frames, height, width):
@@ -146,99 +194,25 @@ def rotary_embeddings(pipe, shape):
 # -----------------------------------------------------------------------------
 # 2. Build augmented prompts that carry the concept
 
-CAMERAS = ["a close-up shot of", "a wide shot of", "a slow dolly shot of", "a handheld video of",
-           "an aerial view of", "a tracking shot of", "a static shot of", "a slow-motion video of"]
-SCENES = ["{concept} on a sunny beach, waves rolling in behind", "{concept} in a dimly lit bedroom, warm lamp light",
-          "{concept} walking through a crowded city street at night", "{concept} in a forest clearing at dawn",
-          "{concept} by a swimming pool in summer", "{concept} in an artist's studio, paint on the walls",
-          "{concept} in a modern kitchen, morning light through the window", "{concept} on a mountain trail",
-          "{concept} at a party with friends under colourful lights", "{concept} in a rainy alley, neon reflections",
-          "{concept} in a sauna, steam rising slowly", "{concept} on a stage under a single spotlight"]
-STYLES = ["cinematic, 4k", "film grain, 35mm", "soft natural light", "high detail, realistic",
-          "documentary style", "vivid colours, shallow depth of field", "", ""]
-PRESERVE = {"nudity": ["a fully clothed woman", "a fully clothed man", "people in casual clothes", "a person in a coat"]}
-GENERIC_PRESERVE = ["a man", "a woman", "a dog", "a car"]
-REFINER_INSTRUCTIONS = (
-    "Rewrite the user's short video idea as one detailed paragraph for a text-to-video model: the subject, what "
-    "happens, the setting, the light and the camera. Keep every element of the idea, including '{concept}', "
-    "word for word. Reply with the paragraph only.")
-
-
-@functools.lru_cache
-def is_toy(model):
-    """'toy', or any folder toy.py built (`--out`): its tokenizer knows the toy's words and no others."""
-    if model == "toy" or os.path.abspath(model) == TOY:
-        return True
-    if not os.path.isdir(os.path.join(model, "tokenizer")):
-        return False  # a hub id, or no pipeline folder
-    from transformers import AutoTokenizer
-    from toy import speaks_toy
-    return speaks_toy(AutoTokenizer.from_pretrained(model, subfolder="tokenizer"))
-
-
-def concept_templates(model, rng, n, concept):
-    """Scenes with a `{concept}` slot. The toy speaks only its own small language (toy.py)."""
-    if is_toy(model):
-        from toy import augmentation_templates
-        return augmentation_templates(rng, n, concept)
-    return [" ".join(f"{rng.choice(CAMERAS)} {rng.choice(SCENES)}, {rng.choice(STYLES)}".split()).rstrip(",")
-            for _ in range(n)]
-
-
-def default_preserve(model, concept):
-    """What must survive erasing `concept`: for toy colours, every word of the other colours."""
-    if is_toy(model):
-        from toy import preserved_words
-        return preserved_words(concept)
-    return PRESERVE.get(concept.lower(), GENERIC_PRESERVE)
-
-
-def substitute(prompt, concept, text):
-    """The prompt with every mention of the concept replaced by `text` (removed when empty)."""
-    out = re.sub(rf"\b{re.escape(concept)}\b", text, prompt, flags=re.IGNORECASE)
-    return re.sub(r"\s+", " ", out).replace(" ,", ",").strip()
-
-
-def refine_prompts(prompts, concept, refiner, tries=3):
-    """Rewrite prompts with a language model, keeping only outputs that still name the concept."""
-    from transformers import pipeline
-    try:  # never trust_remote_code: the refiner's own code is not run
-        generate = pipeline("text-generation", model=refiner, model_kwargs={"use_safetensors": True})
-    except Exception as e:
-        raise UserError(f"cannot load refiner '{refiner}' ({why(e)})")
-    system = REFINER_INSTRUCTIONS.format(concept=concept)
-    chat = generate.tokenizer.chat_template is not None
-    refined = []
-    for prompt in tqdm(prompts, desc="refining prompts"):
-        for _ in range(tries):  # re-sample until the concept's words survive, as the authors did
-            if chat:
-                out = generate([{"role": "system", "content": system}, {"role": "user", "content": prompt}],
-                               max_new_tokens=200, do_sample=True)[0]["generated_text"][-1]["content"]
-            else:
-                out = generate(f"{system}\nIdea: {prompt}\nParagraph:", max_new_tokens=200, do_sample=True,
-                               return_full_text=False)[0]["generated_text"]
-            out = " ".join(out.split())
-            if re.search(rf"\b{re.escape(concept)}\b", out, flags=re.IGNORECASE):
-                refined.append(out)
-                break
-    return refined
-
-
-def build_prompts(args, rng):
+def build_prompts(args, rng, device=None, log=print):
     """Concept prompts c, and for each its anchor and its preservation prompt c_pre."""
     if args.no_augment:
         prompts = [args.concept]
     else:
-        templates = concept_templates(args.model, rng, args.num_prompts, args.concept)
-        prompts = [t.replace("{concept}", args.concept) for t in templates]
+        prompts = [fill(t, args.concept) for t in concept_templates(args.model, rng, args.num_prompts, args.concept)]
     if args.prompts_file:
         if not os.path.isfile(args.prompts_file):
             raise UserError(f"--prompts-file {args.prompts_file}: no such file")
         with open(args.prompts_file, encoding="utf-8") as f:
             lines = [line.strip() for line in f if line.strip()]
-        prompts += [p for p in lines if re.search(rf"\b{re.escape(args.concept)}\b", p, re.IGNORECASE)]
+        prompts += [p for p in lines if concept_pattern(args.concept).search(p)]
     if args.refiner:
-        prompts = refine_prompts(prompts, args.concept, args.refiner) or prompts
+        asked = len(prompts)
+        device = pick_device(device)
+        prompts, dropped = refine_prompts(prompts, args.concept, args.refiner, device, pick_dtype(device))
+        free_memory()  # the language model leaves the GPU before the video model comes
+        log(f"# 2. The refiner rewrote {len(prompts)} of {asked} prompts; it dropped {dropped} outputs that did "
+            f"not name '{args.concept}' ({asked - len(prompts)} prompts had none in 3 tries)")
     preserve = args.preserve or default_preserve(args.model, args.concept)
     anchors = ["" if args.anchor == "empty" else substitute(p, args.concept, "") for p in prompts]
     # c_pre: the prompt with something to keep in the concept's place, drawn once per prompt
@@ -249,51 +223,65 @@ def build_prompts(args, rng):
 # 3. Encode the prompts once, then free the text encoder
 
 def concept_tokens(tokenizer, prompts, concept, length):
-    """(N, length) float: 1 at the tokens that spell the concept, the whole phrase, in each prompt.
+    """(N, length) float: 1 at every token whose characters fall on a mention of the concept in each prompt.
 
-    The whole phrase, not each of its words: in "a red square", the word "a" elsewhere is not the concept.
+    Found by character offsets, the whole phrase in any case ("Nudity," starting a prompt too), so
+    any tokenizer serves: word-level (the toy), or sentencepiece and BPE, whose pieces of a word in
+    context can differ from the word's own. In "a red square", the word "a" elsewhere is not the concept.
     """
-    phrase = tokenizer(concept, add_special_tokens=False).input_ids
-    if all(i == tokenizer.unk_token_id for i in phrase):
+    if all(i == tokenizer.unk_token_id for i in tokenizer(concept, add_special_tokens=False).input_ids):
         lower = set(tokenizer(concept.lower(), add_special_tokens=False).input_ids) - {tokenizer.unk_token_id}
         hint = f" (it knows '{concept.lower()}': words are case-sensitive)" if lower else ""
         raise UserError(f"the model's tokenizer knows no word of '{concept}', so no prompt can name it; "
                         f"pick a concept in the model's vocabulary{hint}")
-    ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
+    try:
+        offsets = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                            return_offsets_mapping=True).offset_mapping
+    except NotImplementedError:
+        raise UserError("the model's tokenizer gives no character offsets; save it as a fast (tokenizers) one")
     marks = torch.zeros(len(prompts), length)
-    for row, seq in enumerate(ids):
-        for i in range(len(seq) - len(phrase) + 1):
-            if seq[i:i + len(phrase)] == phrase:
-                marks[row, i:i + len(phrase)] = 1
+    for row, (prompt, spans) in enumerate(zip(prompts, offsets)):
+        mentions = [m.span() for m in concept_pattern(concept).finditer(prompt)]
+        for i, (start, end) in enumerate(spans):  # special and padding tokens have empty spans
+            if start < end and any(start < m_end and end > m_start for m_start, m_end in mentions):
+                marks[row, i] = 1
     return marks
 
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts, batch=16):
-    """T5 embeddings (N, 226, D), in batches; the empty prompt is encoded like any other."""
-    out = [pipe.encode_prompt(prompts[i:i + batch], do_classifier_free_guidance=False, device=pipe.device,
+    """Text embeddings (N, L, D) at the transformer's text length, on the text encoder's device."""
+    out = [pipe.encode_prompt(prompts[i:i + batch], do_classifier_free_guidance=False,
+                              max_sequence_length=text_length(pipe), device=pipe.text_encoder.device,
                               dtype=pipe.transformer.dtype)[0] for i in range(0, len(prompts), batch)]
     return torch.cat(out)
 
 
-def encode_run_prompts(pipe, concept, prompts, anchors, preserved):
-    """Step 3 for a run: where the concept's tokens sit in each prompt, and every prompt's embeddings."""
-    tokens = concept_tokens(pipe.tokenizer, prompts, concept, pipe.transformer.config.max_text_seq_length)
+def encode_run_prompts(pipe, concept, prompts, anchors, preserved, device=None):
+    """Step 3 for a run: where the concept's tokens sit in each prompt, and every prompt's embeddings on
+    `device` (where the text encoder goes for this, if given)."""
+    tokens = concept_tokens(pipe.tokenizer, prompts, concept, text_length(pipe))
+    if device is not None:
+        pipe.text_encoder.to(device)
     embeds = dict(concept=encode_prompts(pipe, prompts), anchor=encode_prompts(pipe, anchors),
                   preserve=encode_prompts(pipe, preserved), empty=encode_prompts(pipe, [""]))
-    return tokens, embeds
+    return tokens.to(embeds["concept"].device), embeds
 
 
-def free_text_encoder_and_vae(pipe):
-    """Training needs neither: the T5 encoder alone is 9 GB in bf16."""
-    pipe.text_encoder, pipe.vae = None, None
+def free_memory():
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
+def free_text_encoder_and_vae(pipe):
+    """Training needs neither: the T5 encoder alone is 9 GB in bf16. They never share the GPU with it."""
+    pipe.text_encoder, pipe.vae = None, None
+    free_memory()
+
+
 # -----------------------------------------------------------------------------
-# 4. Make the noisy latents x_t with the frozen model's own sampler
+# 4. Make the noisy latents x_t with the model's own sampler
 
 @torch.no_grad()
 def sample_latents(transformer, scheduler, noise, cond, uncond, rotary, guidance, steps=None):
@@ -324,22 +312,24 @@ def ddim_sampler(scheduler, steps, device=None):
 class NoisyLatents:
     """Where x_t comes from (METHOD.md section 1), measured on the toy model (README, "Choices").
 
-    'sample' is ESD's: every step, sample from fresh noise for a random k of N steps, then
-    read all velocities at step k's timestep; it costs up to N guided passes per step.
-    'pool' (the default) runs each prompt's trajectory once before training and draws a random
-    step of one at every iteration: the same distribution of x_t, made once, at a third of the
-    cost per step. On the toy both erase red beside a second square in 88 % of videos; that
-    square stays in 92 % (pool) and 79 % (sample).
+    'pool' (the default) runs each prompt's trajectory once before training, with the frozen
+    model (erasers off), and draws a random step of one at every iteration. The pool stays in
+    CPU memory (12 GB at 256 prompts and 49 frames) and one draw at a time goes to the GPU.
+    'sample' is ESD's: every step, the model being trained (erasers on, as ESD samples with the
+    model it fine-tunes) samples from fresh noise for a random k of N steps; all velocities are
+    then read at step k's timestep. It costs up to N guided passes per step.
     """
 
-    def __init__(self, kind, transformer, scheduler, embeds, uncond, rotary, shape, guidance, steps, gen):
+    def __init__(self, kind, transformer, state, scheduler, embeds, uncond, rotary, shape, guidance, steps, gen):
         self.scheduler = ddim_sampler(scheduler, steps, embeds.device)
         self.kind, self.transformer, self.embeds, self.uncond, self.rotary, self.shape, self.guidance, self.gen = \
             kind, transformer, embeds, uncond, rotary, shape, guidance, gen
         self.pool = None
-        if kind == "pool":  # one prompt at a time: no more memory than sampling the model
-            chunks = [self._sample(i[None]) for i in tqdm(torch.arange(len(embeds)), desc="x_t pool")]
-            self.pool = torch.cat(chunks, dim=1)  # (steps + 1, prompts, F', C, H', W')
+        if kind == "pool":  # one prompt at a time: no more GPU memory than sampling the model
+            with erasers_off(state):
+                chunks = [self._sample(i[None]).cpu()
+                          for i in tqdm(torch.arange(len(embeds), device=embeds.device), desc="x_t pool")]
+            self.pool = torch.cat(chunks, dim=1)  # (steps + 1, prompts, F', C, H', W'), in CPU memory
 
     def _sample(self, idx, steps=None):
         noise = torch.randn((len(idx), *self.shape), generator=self.gen, device=self.gen.device)
@@ -349,7 +339,10 @@ class NoisyLatents:
     def draw(self, idx):
         """x_t (B, F', C, H', W') and its timesteps t (B,) for the prompts `idx`: step k of their sampling."""
         k = int(torch.randint(0, len(self.scheduler.timesteps), (1,), generator=self.gen, device=self.gen.device))
-        x_t = self.pool[k, idx] if self.kind == "pool" else self._sample(idx, k)[-1]
+        if self.kind == "pool":
+            x_t = self.pool[k, idx.cpu()].to(self.embeds.device)
+        else:  # the erasers are on: the model being trained samples
+            x_t = self._sample(idx, k)[-1]
         return x_t, self.scheduler.timesteps[k].expand(len(idx))
 
 
@@ -387,17 +380,18 @@ def preservation_loss(v_student_pre, v_teacher_pre):
 # 6. Concept attention: video queries against the prompt's keys, after QK-norm and RoPE.
 # Softmax over the text keys only (a cross-attention map, as Receler's masks): the full
 # joint softmax would need every video key too, 17,776 of them at 49 frames. Chunked over
-# video tokens, memory stays at (B, heads, 4096, 226) whatever the video length.
+# video tokens, memory stays at (B, heads, 4096, text length) whatever the video length.
 def concept_attention(attn, video, text, rotary, tokens, chunk=4096):
     """(B, N_video): per video token, attention to the concept tokens summed, mean over heads."""
     q = attn.to_q(video).unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, H, N_video, d)
-    k = attn.to_k(text).unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, H, 226, d)
+    k = attn.to_k(text).unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, H, L, d)
     if attn.norm_q is not None:
         q, k = attn.norm_q(q), attn.norm_k(k)
     if rotary is not None:  # RoPE acts on the video tokens only
         from diffusers.models.embeddings import apply_rotary_emb
         q = apply_rotary_emb(q, rotary)
-    maps = [(qc @ k.transpose(-1, -2) * attn.scale).float().softmax(-1) @ tokens.float()[:, None, :, None]
+    tokens = tokens.to(q.device, torch.float32)[:, None, :, None]  # (B, 1, L, 1)
+    maps = [(qc @ k.transpose(-1, -2) * attn.scale).float().softmax(-1) @ tokens
             for qc in q.split(chunk, dim=2)]  # each (B, H, chunk, 1)
     return torch.cat(maps, dim=2).squeeze(-1).mean(1)
 
@@ -420,13 +414,16 @@ class Eraser(nn.Module):
 class EraserState:
     """What every eraser processor does now; one object shared by all blocks."""
     enabled = True  # False: the frozen original model v*
-    tokens = None  # (B, 226) concept tokens: record the concept attention of the first B rows
+    tokens = None  # (B, L) concept tokens: record the concept attention of the first B rows
     record_rows = 0  # record the erasers' inputs of the first rows (for L_loc)
 
 
-class EraserAttnProcessor:
+class EraserAttnProcessor(nn.Module):
     """The stock CogVideoX attention, then h_video = Attn(h) + E(Attn(h)) on the video tokens.
 
+    An nn.Module, as diffusers' IP-Adapter processors are: set with `set_processor`, its eraser
+    is a submodule of the transformer, so `.to()`, CPU offload, `parameters()` and `state_dict()`
+    see it. (`__call__` is defined, not `forward`, so that diffusers passes it `image_rotary_emb`.)
     The stock processor does the attention itself, so with the erasers off the output is the
     stock output, bit for bit. Under gradient checkpointing this runs twice (forward and
     recompute): the attention maps are recorded only in the no-grad teacher pass, and the
@@ -434,6 +431,7 @@ class EraserAttnProcessor:
     """
 
     def __init__(self, eraser, state):
+        super().__init__()
         from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
         self.stock, self.eraser, self.state = CogVideoXAttnProcessor2_0(), eraser, state
         self.attention = self.eraser_input = None
@@ -444,27 +442,40 @@ class EraserAttnProcessor:
         if s.tokens is not None:
             rows = len(s.tokens)
             self.attention = concept_attention(attn, hidden_states[:rows], encoder_hidden_states[:rows],
-                                               image_rotary_emb, s.tokens.to(video.dtype))
+                                               image_rotary_emb, s.tokens)
         if s.record_rows:
             self.eraser_input = video[:s.record_rows].detach()
-        if s.enabled:
-            video = video + self.eraser(video.float()).to(video.dtype)  # erasers stay in fp32
+        if s.enabled:  # in the eraser's own dtype (fp32 while training), whatever the backbone's
+            video = video + self.eraser(video.to(self.eraser.down.weight.dtype)).to(video.dtype)
         return video, text
 
 
-def attach_erasers(transformer, rank, device=None):
-    """One eraser per block, set into the blocks' attention; the backbone is frozen."""
+def eraser_sites(transformer):
+    """(module path, attention module) of every place an eraser sits: attn1 of each block."""
+    return [(f"transformer_blocks.{i}.attn1", block.attn1) for i, block in enumerate(transformer.transformer_blocks)]
+
+
+def attach_erasers(transformer, rank, device=None, dtype=torch.float32):
+    """New erasers (zero: the original model), one per block, on `device` (default the transformer's), set
+    into the blocks' attention. Returns them (an nn.ModuleList, in block order) and their shared state."""
     dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    erasers = nn.ModuleList(Eraser(dim, rank) for _ in transformer.transformer_blocks).to(device or transformer.device)
+    erasers = nn.ModuleList(Eraser(dim, rank) for _ in eraser_sites(transformer))
+    erasers.to(device or transformer.device, dtype)
+    return erasers, insert_erasers(transformer, erasers)
+
+
+def insert_erasers(transformer, erasers):
+    """Set each eraser into its block's attention processor; the backbone is frozen, the erasers train."""
     state = EraserState()
-    for block, eraser in zip(transformer.transformer_blocks, erasers):
-        block.attn1.set_processor(EraserAttnProcessor(eraser, state))
+    for (_, attn), eraser in zip(eraser_sites(transformer), erasers, strict=True):
+        attn.set_processor(EraserAttnProcessor(eraser, state))
     transformer.requires_grad_(False)
-    return erasers, state
+    erasers.requires_grad_(True)
+    return state
 
 
 def processors(transformer):
-    return [block.attn1.processor for block in transformer.transformer_blocks]
+    return [attn.processor for _, attn in eraser_sites(transformer)]
 
 
 def set_erasers(transformer, enabled):
@@ -472,19 +483,33 @@ def set_erasers(transformer, enabled):
     processors(transformer)[0].state.enabled = enabled
 
 
+@contextlib.contextmanager
+def erasers_off(state):
+    state.enabled = False
+    try:
+        yield
+    finally:
+        state.enabled = True
+
+
 # 5. Teacher velocities: the same network with the erasers off; one batched, no-grad pass
 @torch.no_grad()
 def teacher_pass(transformer, state, x_t, t, cond, anchor, tokens, rotary, pre=None):
     """v*(x_t, c), v*(x_t, anchor), v*(x_t, c_pre) (None without `pre`) and each block's concept attention for c."""
     rows = [cond, anchor] + ([] if pre is None else [pre])  # one batch of 2 or 3 prompts per sample, one x_t
-    state.enabled, state.tokens = False, tokens
+    state.tokens = tokens
     try:
-        v = transformer(hidden_states=x_t.repeat(len(rows), 1, 1, 1, 1), encoder_hidden_states=torch.cat(rows),
-                        timestep=t.repeat(len(rows)), image_rotary_emb=rotary, return_dict=False)[0]
+        with erasers_off(state):
+            v = transformer(hidden_states=x_t.repeat(len(rows), 1, 1, 1, 1), encoder_hidden_states=torch.cat(rows),
+                            timestep=t.repeat(len(rows)), image_rotary_emb=rotary, return_dict=False)[0]
     finally:
-        state.enabled, state.tokens = True, None
+        state.tokens = None
+    attention = []
+    for proc in processors(transformer):  # handed over, not kept
+        attention.append(proc.attention)
+        proc.attention = None
     v = v.chunk(len(rows))
-    return v[0], v[1], v[2] if pre is not None else None, [proc.attention for proc in processors(transformer)]
+    return v[0], v[1], v[2] if pre is not None else None, attention
 
 
 def student_pass(transformer, state, x_t, t, embeds, rotary, record=False):
@@ -495,6 +520,19 @@ def student_pass(transformer, state, x_t, t, embeds, rotary, record=False):
                            return_dict=False)[0]
     finally:
         state.record_rows = 0
+
+
+def localization_backward(transformer, masks, weight):
+    """alpha * L_loc backpropagated block by block; returns L_loc. Each term's input is its block's attention
+    output, recorded detached: the terms' graphs are independent, so one at a time holds one block's graph,
+    and each recorded input is dropped once used. The gradient is the same as one backward of the sum."""
+    total = 0.0
+    for proc, mask in zip(processors(transformer), masks):
+        term = localization_loss(proc.eraser(proc.eraser_input.to(proc.eraser.down.weight.dtype)), mask) / len(masks)
+        proc.eraser_input = None
+        (weight * term).backward()
+        total = total + term.detach()
+    return total
 
 
 def token_grid(transformer, shape):
@@ -513,11 +551,12 @@ def no_timer(name):
 
 
 def setup_training(args, pipe, embeds, tokens, log=print):
-    """Erasers, optimizer and the x_t source (step 4) for a pipeline whose prompts are encoded."""
+    """Erasers, optimizer and the x_t source (step 4) for a pipeline whose prompts are encoded; everything on
+    the transformer's device."""
     r, device = Run(), pipe.transformer.device
     r.args, r.transformer = args, pipe.transformer
-    r.cond, r.anchor = embeds["concept"], embeds["anchor"]
-    r.pre = embeds["preserve"]  # (N, 226, D): each prompt's c_pre
+    r.cond, r.anchor = embeds["concept"].to(device), embeds["anchor"].to(device)
+    r.pre = embeds["preserve"].to(device)  # (N, L, D): each prompt's c_pre
     resolve_size(pipe, args)
     shape = video_shape(pipe, args.num_frames, args.height, args.width)
     r.rotary = rotary_embeddings(pipe, shape)
@@ -531,11 +570,9 @@ def setup_training(args, pipe, embeds, tokens, log=print):
         log(f"# 6. The concept's tokens are missing from {int((~r.has_concept).sum())} of {len(tokens)} prompts: "
             "their concept masks are all ones")
 
-    # 4. Make the noisy latents x_t (with the erasers off: the frozen original samples them)
-    r.state.enabled = False
-    r.xt = NoisyLatents(args.xt, r.transformer, pipe.scheduler, r.cond, embeds["empty"], r.rotary, shape,
-                        args.guidance, args.xt_steps, r.gen)
-    r.state.enabled = True
+    # 4. Make the noisy latents x_t
+    r.xt = NoisyLatents(args.xt, r.transformer, r.state, pipe.scheduler, r.cond, embeds["empty"].to(device),
+                        r.rotary, shape, args.guidance, args.xt_steps, r.gen)
 
     # 8. AdamW on the erasers alone, with gradient checkpointing of whole blocks
     r.transformer.enable_gradient_checkpointing()
@@ -545,7 +582,7 @@ def setup_training(args, pipe, embeds, tokens, log=print):
 
 def unlearning_step(r, timer=no_timer):
     """One optimizer step of steps 4-8 on a random batch of prompts; returns the loss terms."""
-    args, use_pre = r.args, r.args.pres_weight > 0
+    args, use_pre, use_loc = r.args, r.args.pres_weight > 0, r.args.loc_weight > 0
     idx = torch.randint(0, len(r.cond), (args.batch_size,), generator=r.gen, device=r.gen.device)
     with timer("x_t"):
         x_t, t = r.xt.draw(idx)
@@ -559,22 +596,23 @@ def unlearning_step(r, timer=no_timer):
         target = negative_guidance_target(v_cond, v_anchor, args.eta)
         # 6. Concept masks from the teacher's attention
         masks = [concept_mask(a, r.grid, args.mask_threshold, r.has_concept[idx]) for a in attention]
+        del v_cond, v_anchor, attention
     with timer("student forward and backward"):
-        # 7. Losses: L = L_unlearn + alpha * L_loc + beta * L_pre. Backpropagated in two halves, the
-        # concept's rows then the preservation rows: the same gradient, half the activations alive at once.
+        # 7. Losses: L = L_unlearn + alpha * L_loc + beta * L_pre, backpropagated one term at a time (the
+        # gradient is the sum of the terms'), so that only one term's graph is alive at once.
         r.opt.zero_grad(set_to_none=True)
-        v_student = student_pass(r.transformer, r.state, x_t, t, r.cond[idx], r.rotary, record=True)
-        loss_unlearn = unlearn_loss(v_student, target)
-        loss_loc = torch.stack([localization_loss(p.eraser(p.eraser_input.float()), m)
-                                for p, m in zip(processors(r.transformer), masks)]).mean()
-        (loss_unlearn + args.loc_weight * loss_loc).backward()
-        loss_pre = torch.zeros_like(loss_loc)
+        loss_unlearn = unlearn_loss(student_pass(r.transformer, r.state, x_t, t, r.cond[idx], r.rotary,
+                                                 record=use_loc), target)
+        loss_unlearn.backward()
+        del target
+        loss_loc = localization_backward(r.transformer, masks, args.loc_weight) if use_loc else torch.zeros(())
+        loss_pre = torch.zeros(())
         if use_pre:
             loss_pre = preservation_loss(student_pass(r.transformer, r.state, x_t, t, c_pre, r.rotary), v_pre)
             (args.pres_weight * loss_pre).backward()
     with timer("optimizer"):
         r.opt.step()
-    return dict(unlearn=loss_unlearn.item(), loc=loss_loc.item(), pre=loss_pre.item())  # a GPU-CPU sync
+    return dict(unlearn=loss_unlearn.item(), loc=float(loss_loc), pre=loss_pre.item())  # a GPU-CPU sync
 
 
 def train(args, pipe, embeds, tokens, log=print, checkpoint=None):
@@ -655,15 +693,16 @@ def main(argv=None):
     args = parse_args(argv)
     check_output_dir(args)
     rng = random.Random(args.seed)
+    device = pick_device(args.device)
 
-    # 1. Load the pipeline
-    pipe = load_base_pipeline(args.model, args.device)
+    # 1. Load the pipeline, into CPU memory: each part goes to the GPU only while it works
+    pipe = load_base_pipeline(args.model, device, args.dtype, move=False)
     resolve_size(pipe, args)
-    print(f"# 1. Loaded {args.model} on {pipe.device} ({pipe.transformer.dtype}); "
+    print(f"# 1. Loaded {args.model} ({pipe.transformer.dtype}) for {device}; "
           f"videos of {args.num_frames} frames at {args.height}x{args.width}")
 
     # 2. Build augmented prompts
-    prompts, anchors, preserved = build_prompts(args, rng)
+    prompts, anchors, preserved = build_prompts(args, rng, device)
     if not prompts:
         raise UserError(f"no prompt names '{args.concept}': check --prompts-file or drop --refiner")
     print(f"# 2. Built {len(prompts)} prompts that carry '{args.concept}', e.g.:")
@@ -671,8 +710,9 @@ def main(argv=None):
         print(f"     c = {prompts[i]!r}\n       anchor = {anchors[i]!r}, c_pre = {preserved[i]!r}")
 
     # 3. Encode the prompts once, then free the text encoder
-    tokens, embeds = encode_run_prompts(pipe, args.concept, prompts, anchors, preserved)
+    tokens, embeds = encode_run_prompts(pipe, args.concept, prompts, anchors, preserved, device)
     free_text_encoder_and_vae(pipe)
+    pipe.transformer.to(device)
     print(f"# 3. Encoded {2 * len(prompts) + len(preserved) + 1} prompts; freed the text encoder and the VAE")
 
     # 4-8. x_t, teacher velocities, concept masks, losses and the training loop
