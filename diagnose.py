@@ -25,21 +25,17 @@ import numpy as np
 import torch
 
 import toy
+from prompts import is_toy, substitute
 from runs import UserError, run_cli
-from unlearn import (attach_erasers, concept_mask, concept_tokens, ddim_sampler, encode_prompts, is_toy,
-                     load_base_pipeline, negative_guidance_target, processors, resolve_size, rotary_embeddings,
-                     sample_latents, substitute, token_grid, video_shape)
+from sample import decode_video
+from unlearn import (attach_erasers, concept_mask, concept_tokens, ddim_sampler, encode_prompts, load_base_pipeline,
+                     native_size, negative_guidance_target, processors, rotary_embeddings, sample_latents,
+                     text_length, token_grid, video_shape)
 
 
 def native_shape(pipe):
     """Latent shape (F', C, H', W') of a video of the size the model was made for."""
-    size = argparse.Namespace(num_frames=None, height=None, width=None)
-    resolve_size(pipe, size)
-    return video_shape(pipe, size.num_frames, size.height, size.width)
-
-
-def decode(pipe, latents, output_type="np"):
-    return pipe.video_processor.postprocess_video(pipe.decode_latents(latents), output_type=output_type)
+    return video_shape(pipe, *native_size(pipe))
 
 
 class TargetPreview:
@@ -54,18 +50,23 @@ class TargetPreview:
     def __init__(self, pipe, words, eta, anchor="removed"):
         self.pipe, self.words, self.eta, self.anchor = pipe, list(words), eta, anchor
 
+    def __getattr__(self, name):  # the pipeline's parts and sizes, as sample.generate reads them
+        return getattr(self.pipe, name)
+
     def _anchor(self, prompt):
         removed = functools.reduce(lambda p, w: substitute(p, w, ""), self.words, prompt)
         # a prompt that names none of the words is not a concept prompt: its target is v(x_t, c) itself
         return "" if self.anchor == "empty" and removed != prompt else removed
 
     @torch.no_grad()
-    def __call__(self, prompt, num_inference_steps=50, generator=None, output_type="np", guidance_scale=6.0):
+    def __call__(self, prompt, num_inference_steps=50, generator=None, output_type="np", guidance_scale=6.0,
+                 num_frames=None, height=None, width=None, max_sequence_length=None):
         pipe, prompts = self.pipe, [prompt] if isinstance(prompt, str) else list(prompt)
         cond, anchor = encode_prompts(pipe, prompts), encode_prompts(pipe, [self._anchor(p) for p in prompts])
         uncond = encode_prompts(pipe, [""]).expand(len(prompts), -1, -1)
-        shape = native_shape(pipe)
-        noise = torch.randn((len(prompts), *shape), generator=generator).to(pipe.device, cond.dtype)
+        frames, h, w = native_size(pipe)
+        shape = video_shape(pipe, num_frames or frames, height or h, width or w)
+        noise = torch.randn((len(prompts), *shape), generator=generator).to(cond.device, cond.dtype)
 
         def velocity(hidden_states, encoder_hidden_states, timestep, image_rotary_emb, return_dict):
             # sample_latents asks for [v(x, uncond); v(x, c)]: the second half becomes v_neg
@@ -76,9 +77,9 @@ class TargetPreview:
             v_uncond, v_cond, v_anchor = v.chunk(3)
             return (torch.cat([v_uncond, negative_guidance_target(v_cond, v_anchor, self.eta)]),)
 
-        latents = sample_latents(velocity, ddim_sampler(pipe.scheduler, num_inference_steps, pipe.device), noise,
+        latents = sample_latents(velocity, ddim_sampler(pipe.scheduler, num_inference_steps, cond.device), noise,
                                  cond, uncond, rotary_embeddings(pipe, shape), guidance_scale)[-1]
-        return types.SimpleNamespace(frames=decode(pipe, latents, output_type))
+        return types.SimpleNamespace(frames=decode_video(pipe, latents, output_type))
 
 
 def token_cover(video, colour, grid, temporal, patch):
@@ -105,13 +106,13 @@ def mask_coverage(pipe, concept, threshold=0.1, n=16, steps=20, seed=5):
     cfg, transformer, shape = pipe.transformer.config, pipe.transformer, native_shape(pipe)
     rotary, grid = rotary_embeddings(pipe, shape), token_grid(transformer, shape)
     cond, uncond = encode_prompts(pipe, prompts), encode_prompts(pipe, [""]).expand(n, -1, -1)
-    tokens = concept_tokens(pipe.tokenizer, prompts, concept, cfg.max_text_seq_length)
-    scheduler = ddim_sampler(pipe.scheduler, steps)
-    noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+    tokens = concept_tokens(pipe.tokenizer, prompts, concept, text_length(pipe)).to(cond.device)
+    scheduler = ddim_sampler(pipe.scheduler, steps, cond.device)
+    noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed)).to(cond.device, cond.dtype)
     _, state = attach_erasers(transformer, 1)  # zero erasers: they only record the concept attention
     state.enabled = False
     xs = sample_latents(transformer, scheduler, noise, cond, uncond, rotary, 6.0)
-    videos = decode(pipe, xs[-1])
+    videos = decode_video(pipe, xs[-1])
     size = pipe.vae_scale_factor_spatial * cfg.patch_size
     regions = []
     for video, scene in zip(videos, scenes):
@@ -128,7 +129,8 @@ def mask_coverage(pipe, concept, threshold=0.1, n=16, steps=20, seed=5):
                     image_rotary_emb=rotary, return_dict=False)
         state.tokens = None
         for block, proc in enumerate(processors(transformer)):
-            masks = concept_mask(proc.attention, grid, threshold, torch.ones(n, dtype=torch.bool)).numpy()
+            masks = concept_mask(proc.attention, grid, threshold, torch.ones(n, dtype=torch.bool, device=cond.device))
+            masks = masks.cpu().numpy()
             table[k, block] = [float(np.mean(np.concatenate([m[r[j]] for m, r in zip(masks, regions) if r])))
                                for j in range(3)]
     return table, sum(r is not None for r in regions)

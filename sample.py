@@ -4,12 +4,21 @@
     python sample.py --model toy --eraser erasers/red --prompts-file prompts.csv --eval toy --out outputs/red
     python sample.py --model THUDM/CogVideoX-2b --eraser erasers/nudity --prompts-file p.csv --eval nudity
     python sample.py --videos outputs/nudity --eval nudity        # score videos already made, no model
+    python sample.py --convert AUTHORS_DIR --model THUDM/CogVideoX-2b --out erasers/nudity_authors
 
 In Python, a pipeline with an eraser is used exactly like the stock one:
 
     from sample import load_pipeline
     pipe = load_pipeline("toy", eraser="erasers/red")
     frames = pipe("a crimson box sliding up").frames[0]
+
+or to a pipeline you built yourself (your dtype, offload, VAE tiling, quantization or LoRA):
+
+    from sample import apply_eraser
+    apply_eraser(pipe, "erasers/nudity")      # ours, or a folder of the authors' released erasers
+
+`--convert` turns the authors' released format (eraser_weights.pt, eraser_config.json) into ours
+(eraser.safetensors, eraser.json); both load as they are.
 
 --eval toy reads each video with the toy judge (toy.describe). --eval nudity is the paper's
 measure: NudeNet 3.4.2 (pip install nudenet==3.4.2; its wheel carries its detector and
@@ -28,65 +37,163 @@ import warnings
 
 import numpy as np
 import torch
+from torch import nn
 
 from runs import UserError, run_cli, why
-from unlearn import attach_erasers, load_base_pipeline, model_fingerprint, set_erasers
+from unlearn import (TOY, Eraser, eraser_sites, insert_erasers, load_base_pipeline, model_fingerprint, native_size,
+                     pick_device, save_eraser, set_erasers, text_length)
 
 NUDITY_LABELS = ("ARMPITS_EXPOSED", "BELLY_EXPOSED", "FEMALE_BREAST_EXPOSED", "MALE_BREAST_EXPOSED",
                  "BUTTOCKS_EXPOSED", "FEET_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED")
 NUDENET_FLOOR = 0.2  # NudeNet 3.4.2 drops detections under this score itself
 
 
-def load_pipeline(model, eraser=None, device=None):
+ARCHITECTURE = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "patch_size_t",
+                "text_embed_dim", "use_rotary_positional_embeddings")  # what an eraser's fit depends on
+
+
+def load_pipeline(model, eraser=None, device=None, dtype=None, offload=False, vae_tiling=False):
     """A CogVideoXPipeline ('toy', a hub id or a folder), with the eraser from `eraser` attached.
 
-    The eraser's eraser.json is then `pipe.eraser_meta` (None without an eraser).
+    For 5B-class models on a 24 GB GPU: `offload`, model CPU offload (the pipeline stays in CPU
+    memory and each model visits the GPU while it runs), and `vae_tiling`, tiled VAE decoding. The
+    eraser's eraser.json is `pipe.eraser_meta` (None without an eraser).
     """
-    pipe = load_base_pipeline(model, device)
+    pipe = load_base_pipeline(model, device, dtype, move=not offload)
     pipe.eraser_meta = apply_eraser(pipe, eraser) if eraser else None
-    if eraser and not pipe.eraser_meta.get("final", True):
-        warnings.warn(f"the eraser in {eraser} is partial: "
-                      f"{pipe.eraser_meta.get('steps_done')} of {pipe.eraser_meta.get('steps')} steps")
+    if offload:
+        pipe.enable_model_cpu_offload(device=pick_device(device))
+    if vae_tiling:
+        pipe.vae.enable_tiling()
     return pipe
 
 
+def read_authors_eraser(eraser_dir):
+    """The authors' released format: eraser_weights.pt ({"<module>.adapter": {"down.weight", ...}}, torch.save)
+    and eraser_config.json ({"eraser_type": "adapter", "eraser_rank": 128}). Returns weights keyed
+    "<module>.down.weight" ... and a meta. Read with weights_only=True: a file that holds code is refused."""
+    with open(os.path.join(eraser_dir, "eraser_config.json")) as f:
+        config = json.load(f)
+    if config.get("eraser_type") != "adapter":
+        raise UserError(f"the eraser in '{eraser_dir}' is of type {config.get('eraser_type')!r}; only the authors' "
+                        "'adapter' erasers are known")
+    state = torch.load(os.path.join(eraser_dir, "eraser_weights.pt"), map_location="cpu", weights_only=True)
+    weights = {f"{module.removesuffix('.adapter')}.{name}": value.float()
+               for module, params in state.items() for name, value in params.items()}
+    return weights, {"format": "the authors'", "rank": config.get("eraser_rank"), "model": None, "concept": ""}
+
+
 def load_eraser(eraser_dir):
-    """(weights, meta) of a saved eraser; a missing or damaged file is a UserError."""
+    """(weights, meta) of a saved eraser: ours (eraser.safetensors + eraser.json) or the authors' released
+    format (eraser_weights.pt + eraser_config.json); a missing or damaged file is a UserError."""
     from safetensors.torch import load_file
     try:
+        if os.path.isfile(os.path.join(eraser_dir, "eraser_weights.pt")):
+            return read_authors_eraser(eraser_dir)
         with open(os.path.join(eraser_dir, "eraser.json")) as f:
             meta = json.load(f)
-        weights = load_file(os.path.join(eraser_dir, "eraser.safetensors"))
-    except Exception as e:  # missing, truncated, not safetensors or not json
-        raise UserError(f"cannot read the eraser in '{eraser_dir}' ({why(e, 160)}); "
-                        "train it again with unlearn.py")
-    return weights, meta
+        return load_file(os.path.join(eraser_dir, "eraser.safetensors")), meta
+    except UserError:
+        raise
+    except Exception as e:  # missing, truncated, not safetensors, not json, or a pickle that holds code
+        raise UserError(f"cannot read the eraser in '{eraser_dir}' ({why(e, 160)}); it needs eraser.safetensors and "
+                        "eraser.json (unlearn.py) or eraser_weights.pt and eraser_config.json (the authors' release)")
+
+
+def architecture(config):
+    """What an eraser's fit depends on, from a transformer config: not the whole config, to which a diffusers
+    upgrade may add keys."""
+    return json.loads(json.dumps({k: config.get(k) for k in ARCHITECTURE}))
+
+
+def fitted_erasers(eraser_dir, transformer):
+    """A saved eraser's erasers (nn.ModuleList in block order, float32, CPU) and meta, refused unless they fit
+    `transformer`'s architecture. Weights are keyed by block ("{i}.down.weight", ours) or by module path
+    ("transformer_blocks.{i}.attn1.down.weight", the authors')."""
+    weights, meta = load_eraser(eraser_dir)
+    if "base_config" in meta and architecture(meta["base_config"]) != architecture(transformer.config):
+        theirs, mine = architecture(meta["base_config"]), architecture(transformer.config)
+        differ = ", ".join(f"{k} {theirs[k]} (this model: {mine[k]})" for k in ARCHITECTURE if theirs[k] != mine[k])
+        raise UserError(f"the eraser in '{eraser_dir}' was made for another base model, {meta.get('model')} "
+                        f"({differ}); load it with that model")
+    block = {path: str(i) for i, (path, _) in enumerate(eraser_sites(transformer))}
+    by_block = {}
+    for key, value in weights.items():
+        module, name, param = key.rsplit(".", 2)
+        by_block[f"{block.get(module, module)}.{name}.{param}"] = value
+    cfg, downs = transformer.config, [w for k, w in weights.items() if k.endswith("down.weight")]
+    rank, width = downs[0].shape if downs else (0, 0)
+    erasers = nn.ModuleList(Eraser(cfg.num_attention_heads * cfg.attention_head_dim, rank) for _ in block)
+    try:
+        erasers.load_state_dict(by_block)
+    except RuntimeError:
+        raise UserError(f"the eraser in '{eraser_dir}' ({len(downs)} erasers of width {width}) does not fit this "
+                        f"model ({len(block)} blocks of width {cfg.num_attention_heads * cfg.attention_head_dim}): "
+                        f"it was made for another base model, {meta.get('model') or 'unnamed'}")
+    if meta.get("rank") not in (None, rank):
+        raise UserError(f"the eraser in '{eraser_dir}' says rank {meta['rank']} but its weights have rank {rank}")
+    return erasers, meta
 
 
 def apply_eraser(pipe, eraser_dir):
-    """Attach a saved eraser to a pipeline's transformer, refusing one made for another model."""
-    weights, meta = load_eraser(eraser_dir)
-    mine = json.loads(json.dumps(model_fingerprint(pipe.transformer), default=str))
-    if meta.get("base_config") != mine:
-        raise UserError(f"the eraser in '{eraser_dir}' was made for another base model ({meta.get('model')}); "
-                        "load it with that model")
-    erasers, _ = attach_erasers(pipe.transformer, meta["rank"], pipe.transformer.device)
-    erasers.load_state_dict(weights)
-    erasers.to(pipe.transformer.device).requires_grad_(False)
+    """Attach a saved eraser (ours or the authors') to a pipeline the user built: their dtype, offload, VAE
+    tiling, quantization or LoRA. Returns the eraser's meta; refuses one made for another architecture.
+
+    The erasers run in float32 (tens of MB) beside a backbone of any dtype, on the device the pipeline
+    runs on (under sequential offload the transformer's own weights wait on 'meta'). They are
+    submodules of the transformer: they follow `pipe.to(...)` and offloading from then on.
+    """
+    erasers, meta = fitted_erasers(eraser_dir, pipe.transformer)
+    insert_erasers(pipe.transformer, erasers.to(pipe._execution_device))
+    erasers.requires_grad_(False)
+    if not meta.get("final", True):
+        warnings.warn(f"the eraser in {eraser_dir} is partial: {meta.get('steps_done')} of {meta.get('steps')} steps")
     return meta
+
+
+def convert_authors_eraser(source, model, out, concept=""):
+    """The authors' released eraser in `source` as ours in `out` (eraser.safetensors + eraser.json), checked
+    against `model`'s transformer, built from its config alone (no weights are read)."""
+    from accelerate import init_empty_weights
+    from diffusers import CogVideoXTransformer3DModel
+    if not os.path.isfile(os.path.join(source, "eraser_weights.pt")):
+        raise UserError(f"--convert {source}: no eraser_weights.pt there (the authors' format)")
+    if os.path.exists(out) and os.listdir(out):
+        raise UserError(f"--out {out} already holds files; choose another")
+    try:
+        config = CogVideoXTransformer3DModel.load_config(TOY if model == "toy" else model, subfolder="transformer")
+    except Exception as e:
+        raise UserError(f"cannot read the transformer config of '{model}' ({why(e)}); check --model")
+    with init_empty_weights():
+        transformer = CogVideoXTransformer3DModel.from_config(config)
+    erasers, meta = fitted_erasers(source, transformer)
+    save_eraser(out, erasers, dict(model=model, concept=concept, rank=erasers[0].down.out_features, final=True,
+                                   converted_from=os.path.abspath(source), base_config=model_fingerprint(transformer)))
+    return out
 
 
 def generate(pipe, prompts, seed=0, steps=20, batch=16, **kwargs):
     """Videos for prompts, in batches, the batch from prompt i seeded seed + i: list of (F, H, W, 3) in [0, 1].
 
-    `kwargs` go to the pipeline, e.g. guidance_scale=6 or negative_prompt="red".
+    At the size the model was made for and its own text length, unless `kwargs` say otherwise; they go to
+    the pipeline, e.g. guidance_scale=6 or negative_prompt="red".
     """
+    frames, height, width = native_size(pipe)
+    kwargs = dict(dict(num_frames=frames, height=height, width=width, max_sequence_length=text_length(pipe)),
+                  **kwargs)
     videos = []
     for i in range(0, len(prompts), batch):
         gen = torch.Generator().manual_seed(seed + i)
         out = pipe(prompts[i:i + batch], num_inference_steps=steps, generator=gen, output_type="np", **kwargs)
         videos.extend(out.frames)
     return videos
+
+
+def decode_video(pipe, latents, output_type="np"):
+    """Latents (B, F', C, H', W') -> videos, as the pipeline's last step: (B, F, H, W, 3) in [0, 1] for "np"."""
+    with torch.no_grad():
+        frames = pipe.decode_latents(latents.to(pipe.vae.device, pipe.vae.dtype))
+    return pipe.video_processor.postprocess_video(frames, output_type=output_type)
 
 
 def side_by_side(videos, labels):
@@ -186,7 +293,8 @@ def toy_summary(readings):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="THUDM/CogVideoX-2b", help="hub id, folder or 'toy'")
-    p.add_argument("--eraser", default=None, help="folder of an eraser made by unlearn.py")
+    p.add_argument("--eraser", default=None,
+                   help="folder of an eraser: made by unlearn.py, or released by the authors (eraser_weights.pt)")
     p.add_argument("--prompt", default=None, help="what to draw")
     p.add_argument("--prompts-file", default=None, help="CSV with a 'prompt' (and 'seed') column, or one a line")
     p.add_argument("--compare", action="store_true", help="original and erased model side by side, same seed")
@@ -199,11 +307,25 @@ def build_parser():
     p.add_argument("--negative-prompt", default=None, help="baseline for --eval (default: the eraser's concept)")
     p.add_argument("--concept", default=None, help="the concept --eval looks for (default: the eraser's)")
     p.add_argument("--videos", default=None, help="with --eval nudity: score the videos in this folder, no model")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if there is one)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="the model's dtype (default bfloat16 on a GPU, float32 on a CPU)")
+    p.add_argument("--offload", action="store_true",
+                   help="model CPU offload: each model on the GPU only while it runs (5B and 1.5 on a 24 GB GPU)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode videos tile by tile: less GPU memory at 480x720 and up (with --offload on 24 GB)")
+    p.add_argument("--convert", default=None, metavar="DIR",
+                   help="convert the authors' eraser in DIR (eraser_weights.pt) for --model into ours in --out")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.convert:  # the authors' format to ours, no model weights read
+        if not args.out:
+            raise UserError("--convert needs --out: the folder the converted eraser goes to")
+        print(f"wrote {convert_authors_eraser(args.convert, args.model, args.out, args.concept or '')}")
+        return None
     if args.eval not in (None, "toy", "nudity"):
         raise UserError(f"--eval {args.eval}: unknown; use --eval toy or --eval nudity")
     if args.videos:  # score existing videos, no model
@@ -226,7 +348,7 @@ def main(argv=None):
     if single and not out.endswith((".mp4", ".gif")):
         out += ".mp4"
 
-    pipe = load_pipeline(args.model, args.eraser)
+    pipe = load_pipeline(args.model, args.eraser, args.device, args.dtype, args.offload, args.vae_tiling)
     concept = args.concept or (pipe.eraser_meta or {}).get("concept", "")
     negative = args.negative_prompt or concept
     runs = [("erased" if args.eraser else "model", True, None)]
