@@ -1,7 +1,7 @@
-"""bench.py: what one unlearning step costs, against its floor.
+"""bench.py: what one unlearning step costs, against its floor, and what memory it needs.
 
-    python bench.py             # CPU: a mid-size random CogVideoX, a few minutes
-    python bench.py --gpu       # one GPU: a CogVideoX-2B-shaped random model, 17 and 49 frames, 480x720, bf16
+    python bench.py             # CPU: a random CogVideoX at a long video sequence, about 5 minutes
+    python bench.py --gpu       # one GPU: CogVideoX-2B, 5B and 1.5 shapes, random weights, bf16 (< 8 minutes)
     python bench.py --tiny      # the smallest size, to keep this script working (the tests run it)
 
 The floor (a) is the student's forward and backward over exactly the latents and prompts
@@ -11,18 +11,21 @@ teacher pass with the concept masks, the student's forward and backward, the opt
 They are timed interleaved in one process, so that the machine's noise hits both alike.
 No weights are needed: the model and the text embeddings are random.
 
-The last line printed is
-    step_cost_ratio=<(b)/(a)> x_t_share=<share of (b) making x_t> memory_ratio=<peak unlearning / peak sampling>
-Memory on a GPU is torch.cuda.max_memory_allocated; on a CPU it is the growth of the
-process's peak resident memory over what it held before the model was built (after the
-imports), each phase in a fresh process whose allocator returns freed tensors at once.
+Memory is activation memory: the peak while working, less what the process held once the
+model and the prompts' embeddings were made (the weights). It is measured for one unlearning
+step and for one guided denoising step of the same model (what sampling needs), each phase in
+a fresh process: on a GPU torch.cuda.max_memory_allocated; on a CPU the peak resident set
+(reset once the weights are made), with an allocator that returns freed tensors at once, so
+that it follows the tensors alive as the GPU's figure does. On a GPU the whole peak (weights
+included) is printed too: what the GPU must hold. The last line printed is
+    step_cost_ratio=<(b)/(a)> x_t_share=<share of (b) making x_t> memory_ratio=<unlearning / sampling>
 """
 
 import argparse
 import contextlib
 import json
+import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -32,40 +35,54 @@ from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransf
 
 import unlearn
 
-SIZES = {  # name: transformer config, frames, height, width
-    "tiny": (dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, text_embed_dim=32, time_embed_dim=32),
-             9, 64, 64),
-    "cpu": (dict(num_attention_heads=8, attention_head_dim=64, num_layers=8, text_embed_dim=512, time_embed_dim=256),
-            9, 128, 128),
-    "2b": (dict(num_attention_heads=30, attention_head_dim=64, num_layers=30, text_embed_dim=4096,
-                time_embed_dim=512), None, 480, 720),
+COGVIDEOX_5B = dict(num_attention_heads=48, attention_head_dim=64, num_layers=42, text_embed_dim=4096,
+                    time_embed_dim=512, use_rotary_positional_embeddings=True, sample_height=60, sample_width=90,
+                    sample_frames=49)
+SIZES = {  # name: transformer config (its sample size is the video size it resolves to)
+    "tiny": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, text_embed_dim=32, time_embed_dim=32,
+                 sample_height=8, sample_width=8, sample_frames=9),
+    # run at 33 frames of 256x256: a long video sequence (9 latent frames of 16x16 tokens, 2,304 video
+    # tokens) through the 2B's 30 blocks at a narrow width, so that activations, not weights, fill the
+    # memory, as on a GPU at 49 frames
+    "cpu": dict(num_attention_heads=4, attention_head_dim=64, num_layers=30, text_embed_dim=256, time_embed_dim=128,
+                sample_height=32, sample_width=32, sample_frames=33),
+    "2b": dict(num_attention_heads=30, attention_head_dim=64, num_layers=30, text_embed_dim=4096, time_embed_dim=512,
+               sample_height=60, sample_width=90, sample_frames=49),
+    "5b": COGVIDEOX_5B,
+    # CogVideoX 1.5: the 5B's width with a temporal patch; its config's sample size is its RoPE grid's bound
+    "1.5": dict(COGVIDEOX_5B, patch_size_t=2, patch_bias=False, sample_height=300, sample_width=300,
+                sample_frames=81),
 }
+GPU_RUNS = [("2b", 17), ("2b", 49), ("5b", 17), ("5b", 49), ("1.5", None)]  # None: unlearn.py's default
 
 
-def random_pipeline(size, frames, height, width, device, dtype):
+def random_pipeline(size, device, dtype):
     """A CogVideoX pipeline of random weights, with no text encoder and no VAE (not needed to train)."""
     torch.manual_seed(0)
     with torch.device(device):
-        transformer = CogVideoXTransformer3DModel(**SIZES[size][0], sample_frames=frames, sample_height=height // 8,
-                                                  sample_width=width // 8).to(dtype)
+        transformer = CogVideoXTransformer3DModel(**SIZES[size]).to(dtype)
     scheduler = CogVideoXDDIMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True,
-                                       timestep_spacing="trailing", clip_sample=False, snr_shift_scale=3.0)
+                                       timestep_spacing="trailing", clip_sample=False,
+                                       snr_shift_scale=1.0 if transformer.config.use_rotary_positional_embeddings
+                                       else 3.0)
     return CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
                              scheduler=scheduler)
 
 
 def random_embeds(pipe, prompts=2):
     g = torch.Generator().manual_seed(0)
-    dim, dev, dtype = pipe.transformer.config.text_embed_dim, pipe.transformer.device, pipe.transformer.dtype
-    make = lambda n: torch.randn(n, 226, dim, generator=g).to(dev, dtype)  # noqa: E731
-    tokens = torch.zeros(prompts, 226)
+    cfg, dev, dtype = pipe.transformer.config, pipe.transformer.device, pipe.transformer.dtype
+    make = lambda n: torch.randn(n, cfg.max_text_seq_length, cfg.text_embed_dim, generator=g).to(dev, dtype)  # noqa
+    tokens = torch.zeros(prompts, cfg.max_text_seq_length, device=dev)
     tokens[:, 4:6] = 1  # the concept's two tokens
     return dict(concept=make(prompts), anchor=make(prompts), preserve=make(prompts), empty=make(1)), tokens
 
 
-def settings(frames, height, width, extra):
-    return unlearn.parse_args(["--concept", "bench", "--model", "random", "--num-frames", str(frames),
-                               "--height", str(height), "--width", str(width), "--xt-steps", "2", *extra])
+def settings(pipe, frames, extra):
+    args = unlearn.parse_args(["--concept", "bench", "--model", "random", "--xt-steps", "2", *extra]
+                              + (["--num-frames", str(frames)] if frames else []))
+    unlearn.resolve_size(pipe, args)
+    return args
 
 
 def sync(device):
@@ -73,35 +90,47 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def peak_memory(device, base_rss):
+def current_memory(device):
     if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
-
-
-def current_rss():
+        return torch.cuda.memory_allocated()
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(size, frames, height, width, device, phase, repeats, extra):
-    """One phase in this process: 'time' (interleaved floor and step) or 'sample' (memory of sampling)."""
-    base = current_rss()
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    pipe = random_pipeline(size, frames, height, width, device, dtype)
-    embeds, tokens = random_embeds(pipe)
-    args = settings(frames, height, width, extra)
+def reset_peak(device):
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the kernel's peak resident set (VmHWM) starts again from now
+
+
+def peak_memory(device):
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def measure(size, frames, device, phase, repeats, extra):
+    """One phase in this process: 'time' (interleaved floor and step) or 'sample' (one guided denoising step)."""
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    pipe = random_pipeline(size, device, dtype)
+    embeds, tokens = random_embeds(pipe)
+    args = settings(pipe, frames, extra)
+    shape = unlearn.video_shape(pipe, args.num_frames, args.height, args.width)
+    size_info = {"frames": args.num_frames, "height": args.height, "width": args.width,
+                 "video_tokens": math.prod(unlearn.token_grid(pipe.transformer, shape))}
+    sync(device)
+    weights = current_memory(device)
+    reset_peak(device)
     if phase == "sample":  # one guided denoising step, as the pipeline does it
-        unlearn.resolve_size(pipe, args)
-        shape = unlearn.video_shape(pipe, args.num_frames, args.height, args.width)
-        pipe.scheduler.set_timesteps(2, device=device)
         noise = torch.randn(1, *shape, device=device, dtype=dtype)
-        unlearn.sample_latents(pipe.transformer, pipe.scheduler, noise, embeds["concept"][:1], embeds["empty"],
-                               unlearn.rotary_embeddings(pipe, shape), 6.0, steps=1)
+        unlearn.sample_latents(pipe.transformer, unlearn.ddim_sampler(pipe.scheduler, 2, device), noise,
+                               embeds["concept"][:1], embeds["empty"], unlearn.rotary_embeddings(pipe, shape), 6.0,
+                               steps=1)
         sync(device)
-        return {"peak": peak_memory(device, base)}
+        return dict(size_info, peak=peak_memory(device), weights=weights)
 
     r = unlearn.setup_training(args, pipe, embeds, tokens, log=lambda *_: None)
     times, parts = {"floor": [], "step": []}, {}
@@ -133,8 +162,8 @@ def measure(size, frames, height, width, device, phase, repeats, extra):
         if i == 0:
             parts.clear()
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return {"floor": median(times["floor"]), "step": median(times["step"]),
-            "parts": {k: median(v) for k, v in parts.items()}, "peak": peak_memory(device, base)}
+    return dict(size_info, floor=median(times["floor"]), step=median(times["step"]),
+                parts={k: median(v) for k, v in parts.items()}, peak=peak_memory(device), weights=weights)
 
 
 def in_child(*argv):
@@ -148,44 +177,52 @@ def in_child(*argv):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def report(label, timing, sampling):
-    print(f"\n{label}")
+def report(label, timing, sampling, gpu):
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    print(f"\n{label}: {timing['frames']} frames at {timing['height']}x{timing['width']}, "
+          f"{timing['video_tokens']} video tokens")
     print(f"  (a) floor: student forward + backward  {timing['floor']:8.3f} s")
     print(f"  (b) one unlearning step                {timing['step']:8.3f} s")
     for name, seconds in timing["parts"].items():
         print(f"        {name:<32} {seconds:8.3f} s  {100 * seconds / timing['step']:5.1f} %")
-    print(f"  peak memory: unlearning {timing['peak'] / 2**30:.2f} GiB, sampling {sampling['peak'] / 2**30:.2f} GiB")
+    learn, sample = timing["peak"] - timing["weights"], sampling["peak"] - sampling["weights"]
+    print(f"  activation memory: unlearning {gib(learn)}, one guided sampling step {gib(sample)} "
+          f"(held before: {gib(timing['weights'])}, weights and embeddings{'' if gpu else ' and libraries'})")
+    if gpu:
+        print(f"  peak GPU memory, weights included: unlearning {gib(timing['peak'])}, "
+              f"sampling {gib(sampling['peak'])}")
     return (f"step_cost_ratio={timing['step'] / timing['floor']:.2f} "
             f"x_t_share={timing['parts'].get('x_t', 0) / timing['step']:.3f} "
-            f"memory_ratio={timing['peak'] / sampling['peak']:.2f}")
+            f"memory_ratio={learn / max(sample, 1):.2f}")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpu", action="store_true", help="CogVideoX-2B shape on cuda, 17 and 49 frames")
+    p.add_argument("--gpu", action="store_true", help="CogVideoX-2B (17, 49 frames), 5B (17, 49) and 1.5 on cuda")
     p.add_argument("--tiny", action="store_true", help="the smallest size (seconds)")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds of (a) and (b) (default 5)")
-    p.add_argument("--phase", nargs=6, metavar=("SIZE", "FRAMES", "H", "W", "DEVICE", "PHASE"),
-                   help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds of (a) and (b) (default 3; 2 on a GPU)")
+    p.add_argument("--phase", nargs=4, metavar=("SIZE", "FRAMES", "DEVICE", "PHASE"), help=argparse.SUPPRESS)
     args, extra = p.parse_known_args()  # anything else goes to unlearn.py's settings, e.g. --xt sample
+    repeats = args.repeats or (2 if args.gpu else 3)
     if args.phase:
-        size, frames, h, w, device, phase = args.phase
-        print(json.dumps(measure(size, int(frames), int(h), int(w), device, phase, args.repeats, extra)))
+        size, frames, device, phase = args.phase
+        print(json.dumps(measure(size, int(frames), device, phase, repeats, extra)))
         return
     if args.gpu:
         if not torch.cuda.is_available():
             print("error: --gpu needs a CUDA GPU; run python bench.py for the CPU benchmark", file=sys.stderr)
             sys.exit(2)
-        runs = [("2b", 17, 480, 720), ("2b", 49, 480, 720)]
+        runs = GPU_RUNS
     else:
-        runs = [("tiny", 9, 64, 64)] if args.tiny else [("cpu", 9, 128, 128)]
+        runs = [("tiny", None)] if args.tiny else [("cpu", 33)]
     device = "cuda" if args.gpu else "cpu"
     line = ""
-    for size, frames, h, w in runs:
-        timing = in_child(size, str(frames), str(h), str(w), device, "time", "--repeats", str(args.repeats), *extra)
-        sampling = in_child(size, str(frames), str(h), str(w), device, "sample", *extra)
-        line = report(f"{size} model, {frames} frames at {h}x{w} on {device} {' '.join(extra)}", timing, sampling)
-        print(f"  {line}")
+    for size, frames in runs:
+        frames = str(frames or 0)  # 0: the default
+        timing = in_child(size, frames, device, "time", "--repeats", str(repeats), *extra)
+        sampling = in_child(size, frames, device, "sample", *extra)
+        line = report(f"{size} model on {device} {' '.join(extra)}".strip(), timing, sampling, args.gpu)
+        print(f"  {line}", flush=True)
     print(line)
 
 
