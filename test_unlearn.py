@@ -7,6 +7,8 @@ the original model's own videos, the toy judge reading rendered squares.
 import json
 import math
 import os
+
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the tests pin the toy to the CPU, in fp32, on a GPU machine too
 import random
 import re
 import shutil
@@ -211,6 +213,95 @@ def test_concept_tokens_found_and_unknown_concept_refused(toy_pipe):
         unlearn.concept_tokens(tok, ["a square"], "nudity", 226)
 
 
+def subword_tokenizer(kind):
+    """A small BPE or unigram (sentencepiece's model, as T5's) tokenizer, trained here: words split into
+    pieces, and a word's pieces in context ("Nudity,") differ from the word's own ("nudity")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    special = ["<pad>", "<unk>", "</s>"]
+    if kind == "bpe":
+        tok, trainer = Tokenizer(models.BPE(unk_token="<unk>")), trainers.BpeTrainer(vocab_size=80,
+                                                                                     special_tokens=special)
+    else:
+        tok, trainer = Tokenizer(models.Unigram()), trainers.UnigramTrainer(vocab_size=80, special_tokens=special,
+                                                                            unk_token="<unk>")
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    corpus = ["a scene of nudity on the beach", "nudity in art and film", "a woman walks on the beach at night",
+              "the nude model stands in the light", "a man runs in the rain",
+              "Now, A STUDY OF ART IN THE CITY, at NIGHT: DUSTY ROADS"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_concept_tokens_by_character_spans_with_a_subword_tokenizer(kind):
+    tok = subword_tokenizer(kind)
+    prompts = ["Nudity, a woman walks on the beach", "a scene of NUDITY at night, and nudity in art",
+               "a woman walks on the beach"]
+    marks = unlearn.concept_tokens(tok, prompts, "nudity", 32)
+    ids = tok(prompts, padding="max_length", max_length=32).input_ids
+    found = [tok.decode([i for i, m in zip(row, mark) if m]).replace(" ", "").lower() for row, mark in zip(ids, marks)]
+    assert re.fullmatch(r"nudity,?", found[0]) and re.fullmatch(r"nudity,?nudity", found[1]) and found[2] == ""
+    own = tok("nudity", add_special_tokens=False).input_ids  # matching these ids would miss "Nudity,"
+    assert not any(ids[0][i:i + len(own)] == own for i in range(len(ids[0])))
+
+
+def test_concept_tokens_on_the_toys_word_level_tokenizer(toy_pipe):
+    tok = toy_pipe.tokenizer
+    marks = unlearn.concept_tokens(tok, ["a red square moving left", "a blue box", "a Red box"], "red", 226)
+    assert [m.nonzero().flatten().tolist() for m in marks] == [[1], [], [1]]  # any case, at its place
+
+
+@pytest.mark.parametrize("concept", ["nudity", "a cat", "Tom Cruise"])
+def test_built_in_prompts_on_a_real_model_are_sentences_that_name_the_concept_once(concept):
+    args = unlearn.parse_args(["--concept", concept, "--num-prompts", "64"])  # the default model: not the toy
+    prompts, anchors, preserved = unlearn.build_prompts(args, random.Random(0))
+    pattern = unlearn.concept_pattern(concept)
+    assert len(set(prompts)) == 64
+    for p, a, c in zip(prompts, anchors, preserved):
+        assert len(pattern.findall(p)) == 1 and not pattern.search(a) and not pattern.search(c), (p, a, c)
+        assert p[0].isupper() and p.endswith(".") and p.count(". ") >= 1 and 15 <= len(p.split()) <= 60, p
+        assert a[0].isupper() and c[0].isupper() and not re.search(r"\s[,.;:]|[,;:][,.;:]", a + c), (a, c)
+    opening = sum(p.startswith(concept[:1].upper() + concept[1:]) for p in prompts)
+    assert 0 < opening < 32  # some sentences begin with it (capitalised), most carry it inside
+
+
+def tiny_language_model(folder, words):
+    """A causal language model built from a config, with a word-level tokenizer and a chat template; it never
+    ends early, so every output is 200 of its words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    model.generation_config.suppress_tokens = [0, 1, 2]
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return set(words)
+
+
+def test_refiner_keeps_outputs_that_name_the_concept_and_says_how_many_it_dropped(tmp_path):
+    scene = ["a", "woman", "walks", "on", "the", "beach", "at", "night", "slowly"]
+    names = tiny_language_model(tmp_path / "names", scene + ["nudity"])
+    tiny_language_model(tmp_path / "never", scene)
+    said = []
+    args = unlearn.parse_args(["--concept", "nudity", "--num-prompts", "2", "--refiner", str(tmp_path / "names")])
+    prompts, anchors, _ = unlearn.build_prompts(args, random.Random(0), "cpu", log=said.append)
+    assert len(prompts) == 2 and all(set(p.split()) <= names and "nudity" in p.split() for p in prompts)
+    assert all("nudity" not in a for a in anchors)
+    assert "rewrote 2 of 2 prompts; it dropped 0 outputs" in said[0]
+    args.refiner, said = str(tmp_path / "never"), []
+    assert unlearn.build_prompts(args, random.Random(0), "cpu", log=said.append)[0] == []
+    assert "rewrote 0 of 2 prompts; it dropped 6 outputs that did not name 'nudity'" in said[0]
+
+
 # -----------------------------------------------------------------------------
 # Tiny random CogVideoX pipelines: 2B-like (sin-cos), 5B-like (RoPE), 1.5-like (RoPE, 2 latent frames a patch)
 
@@ -219,14 +310,14 @@ TINY = {"sincos-2B-like": dict(use_rotary_positional_embeddings=False),
         "rope-1.5-like": dict(use_rotary_positional_embeddings=True, patch_size_t=2, patch_bias=False)}
 
 
-def tiny_pipeline(kind):
+def tiny_pipeline(kind, **config):
     from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
     torch.manual_seed(0)
     tokenizer, text_encoder, vae, _, scheduler = toy.build_parts()
-    transformer = CogVideoXTransformer3DModel(
+    transformer = CogVideoXTransformer3DModel(**dict(dict(
         num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16, time_embed_dim=32,
         text_embed_dim=toy.TEXT_DIM, num_layers=2, sample_width=8, sample_height=8, sample_frames=9,
-        patch_size=2, max_text_seq_length=226, **TINY[kind])
+        patch_size=2, max_text_seq_length=226, **TINY[kind]), **config))
     for p in transformer.proj_out.parameters():  # a random model whose output depends on its input
         torch.nn.init.normal_(p, std=0.5)
     if transformer.config.use_rotary_positional_embeddings:
@@ -344,6 +435,195 @@ def test_unlearn_then_load_pipeline_on_tiny_configs(tiny_dir, tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# The real path, caught on a CPU: erasers in the module tree, sizes, memory, dtypes, the authors' erasers
+
+def test_erasers_live_in_the_module_tree_and_follow_to_float64(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+    pipe = unlearn.load_base_pipeline(tiny_dir, "cpu")
+    inputs = transformer_inputs(pipe)
+    with torch.no_grad():
+        stock = pipe.transformer(**inputs)[0]
+    erasers, state = unlearn.attach_erasers(pipe.transformer, 8)
+    for e in erasers:  # non-zero erasers
+        torch.nn.init.normal_(e.up.weight)
+    mine = {id(p) for p in pipe.transformer.parameters()}
+    assert all(id(p) in mine for p in erasers.parameters())  # what offload and .to() move
+    assert [p.requires_grad for p in pipe.transformer.parameters()].count(True) == 4 * len(erasers)
+    pipe.transformer.save_pretrained(tmp_path)
+    saved = load_file(next(tmp_path.glob("*.safetensors")))
+    assert sum("processor.eraser." in k for k in saved) == 4 * len(erasers)
+    pipe.to(torch.float64)  # the erasers follow, as any submodule
+    assert {p.dtype for p in erasers.parameters()} == {torch.float64}
+    inputs = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    with torch.no_grad():
+        on = pipe.transformer(**inputs)[0]
+        state.enabled = False
+        off = pipe.transformer(**inputs)[0]
+    assert on.dtype == torch.float64 and not torch.allclose(on, off)
+    assert torch.allclose(off.float(), stock, atol=1e-5)
+
+
+def test_model_size_and_text_length_come_from_the_config():
+    # CogVideoX 1.5's config stores sample_height = sample_width = 300 (its RoPE grid's bound): not 2400x2400
+    pipe = tiny_pipeline("rope-1.5-like", sample_height=300, sample_width=300, sample_frames=81,
+                         max_text_seq_length=64)
+    assert unlearn.native_size(pipe) == (81, 768, 1360)
+    args = unlearn.parse_args(["--concept", "red"])
+    unlearn.resolve_size(pipe, args)
+    assert (args.num_frames, args.height, args.width) == (17, 768, 1360)
+    assert unlearn.video_shape(pipe, 17, 768, 1360) == (6, 16, 96, 170)  # 5 latent frames padded to 6
+    assert unlearn.text_length(pipe) == 64
+    small = tiny_pipeline("rope-1.5-like")  # a config whose own sample size is smaller keeps it
+    assert unlearn.native_size(small) == (9, 64, 64)
+    two_b = tiny_pipeline("sincos-2B-like", sample_height=60, sample_width=90, sample_frames=49)
+    assert unlearn.native_size(two_b) == (49, 480, 720)
+    unlearn.resolve_size(two_b, args := unlearn.parse_args(["--concept", "red"]))
+    assert (args.num_frames, args.height, args.width) == (17, 480, 720)
+
+
+def test_another_text_length_runs_through_unlearning_and_sampling(tmp_path):
+    model, out = tmp_path / "model", tmp_path / "eraser"
+    tiny_pipeline("rope-5B-like", max_text_seq_length=64).save_pretrained(model)
+    unlearn.main(["--model", str(model), "--concept", "red", "--output-dir", str(out), "--steps", "2",
+                  "--num-prompts", "4", "--xt-steps", "3", "--rank", "8"])
+    pipe = load_pipeline(str(model), eraser=str(out))
+    assert unlearn.encode_prompts(pipe, ["a red square"]).shape[1] == 64
+    assert generate(pipe, ["a red square"], steps=2)[0].shape == (9, 64, 64, 3)
+
+
+def test_a_pipeline_that_cannot_be_served_gets_one_line(tmp_path):
+    tiny_pipeline("rope-5B-like", in_channels=32).save_pretrained(tmp_path)  # as an image-to-video model
+    with pytest.raises(unlearn.UserError, match="image-to-video"):
+        unlearn.main(["--model", str(tmp_path), "--concept", "red", "--output-dir", str(tmp_path / "e")])
+
+
+def test_loc_gradient_block_by_block_under_checkpointing_equals_one_backward_without(tiny_dir, tmp_path):
+    pipe = unlearn.load_base_pipeline(tiny_dir, "cpu")
+    args = small_args(tiny_dir, tmp_path, "--pres-weight", "0", "--loc-weight", "0.5", "--mask-threshold", "0.5")
+    prompts, anchors, preserved = unlearn.build_prompts(args, random.Random(0))
+    tokens, embeds = unlearn.encode_run_prompts(pipe, "red", prompts, anchors, preserved)
+    r = unlearn.setup_training(args, pipe, embeds, tokens, log=lambda *_: None)
+    for e in r.erasers:  # non-zero erasers: L_loc has a gradient
+        torch.nn.init.normal_(e.up.weight, std=0.1)
+    r.opt.step = lambda: None  # keep the weights: compare gradients only
+    state = r.gen.get_state()
+    losses = unlearn.unlearning_step(r)
+    ours = [p.grad.clone() for p in r.erasers.parameters()]
+    assert losses["loc"] > 0
+    assert all(p.attention is None and p.eraser_input is None for p in unlearn.processors(r.transformer))
+
+    # The reference: no checkpointing, the same draw, the whole loss in one backward
+    r.transformer.disable_gradient_checkpointing()
+    r.gen.set_state(state)
+    idx = torch.randint(0, len(r.cond), (1,), generator=r.gen)
+    x_t, t = r.xt.draw(idx)
+    v_cond, v_anchor, _, attention = unlearn.teacher_pass(r.transformer, r.state, x_t, t, r.cond[idx],
+                                                          r.anchor[idx], r.tokens[idx], r.rotary)
+    masks = [unlearn.concept_mask(a, r.grid, args.mask_threshold, r.has_concept[idx]) for a in attention]
+    assert any(m.mean() < 1 for m in masks)
+    r.erasers.zero_grad(set_to_none=True)
+    v = unlearn.student_pass(r.transformer, r.state, x_t, t, r.cond[idx], r.rotary, record=True)
+    loc = torch.stack([unlearn.localization_loss(p.eraser(p.eraser_input), m)
+                       for p, m in zip(unlearn.processors(r.transformer), masks)]).mean()
+    (unlearn.unlearn_loss(v, unlearn.negative_guidance_target(v_cond, v_anchor, args.eta)) + 0.5 * loc).backward()
+    assert math.isclose(losses["loc"], loc.item(), rel_tol=1e-5)
+    for a, b in zip(ours, (p.grad for p in r.erasers.parameters())):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-9)
+
+
+def test_bf16_on_a_cpu_trains_fp32_erasers_and_samples(tmp_path):
+    from diagnose import TargetPreview
+    model, out = tmp_path / "model", tmp_path / "eraser"
+    tiny_pipeline("rope-1.5-like").save_pretrained(model)
+    unlearn.main(["--model", str(model), "--concept", "red", "--output-dir", str(out), "--steps", "2",
+                  "--num-prompts", "4", "--xt-steps", "3", "--rank", "8", "--dtype", "bfloat16", "--device", "cpu"])
+    meta = json.load(open(out / "eraser.json"))
+    assert meta["final"] and all(math.isfinite(v) and v > 0 for k, v in meta["last_losses"].items() if k != "loc")
+    pipe = load_pipeline(str(model), eraser=str(out), dtype="bfloat16")
+    assert pipe.transformer.dtype == torch.bfloat16
+    assert {p.dtype for p in unlearn.processors(pipe.transformer)[0].eraser.parameters()} == {torch.float32}
+    assert np.isfinite(generate(pipe, ["a red square"], steps=2)[0]).all()
+    toy_bf16 = unlearn.load_base_pipeline("toy", "cpu", "bfloat16")
+    assert np.isfinite(generate(TargetPreview(toy_bf16, ["red"], 3.0), ["a red square moving left"], steps=2)[0]).all()
+
+
+def write_authors_eraser(folder, transformer, rank=4, seed=0):
+    """An eraser in the authors' released format, written as their code writes it; returns its adapters."""
+    g = torch.Generator().manual_seed(seed)
+    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    adapters = {}
+    for i in range(len(transformer.transformer_blocks)):
+        adapters[f"transformer_blocks.{i}.attn1.adapter"] = {
+            "down.weight": torch.randn(rank, dim, generator=g) / dim ** 0.5,
+            "down.bias": torch.randn(rank, generator=g),
+            "up.weight": torch.randn(dim, rank, generator=g), "up.bias": torch.randn(dim, generator=g)}
+    os.makedirs(folder, exist_ok=True)
+    torch.save(adapters, os.path.join(folder, "eraser_weights.pt"))
+    json.dump({"eraser_type": "adapter", "eraser_rank": rank}, open(os.path.join(folder, "eraser_config.json"), "w"))
+    return adapters
+
+
+def test_the_authors_eraser_format_gives_their_wrapper_output_and_converts(tiny_dir, tmp_path):
+    import sample
+    pipe = unlearn.load_base_pipeline(tiny_dir, "cpu")
+    adapters = write_authors_eraser(tmp_path / "authors", pipe.transformer)
+    inputs = transformer_inputs(pipe)
+
+    def their_wrapper(sd):  # h_video + adapter(h_video) on attn1's video output, the adapter as theirs
+        adapter = torch.nn.Sequential(torch.nn.Linear(*sd["down.weight"].T.shape), torch.nn.GELU(),
+                                      torch.nn.Linear(*sd["up.weight"].T.shape))
+        adapter.load_state_dict({"0.weight": sd["down.weight"], "0.bias": sd["down.bias"],
+                                 "2.weight": sd["up.weight"], "2.bias": sd["up.bias"]})
+        return lambda module, args, output: (output[0] + adapter(output[0]), output[1])
+
+    hooks = [block.attn1.register_forward_hook(their_wrapper(adapters[f"transformer_blocks.{i}.attn1.adapter"]))
+             for i, block in enumerate(pipe.transformer.transformer_blocks)]
+    with torch.no_grad():
+        reference = pipe.transformer(**inputs)[0]
+        for hook in hooks:
+            hook.remove()
+        stock = pipe.transformer(**inputs)[0]
+    assert not torch.allclose(reference, stock)
+    meta = sample.apply_eraser(pipe, str(tmp_path / "authors"))
+    with torch.no_grad():
+        theirs = pipe.transformer(**inputs)[0]
+    assert meta["format"] == "the authors'" and torch.allclose(theirs, reference, atol=1e-5)
+
+    # converted to ours (safetensors + json), the same output; `--out` already used is refused
+    sample.main(["--convert", str(tmp_path / "authors"), "--model", tiny_dir, "--out", str(tmp_path / "ours"),
+                 "--concept", "nudity"])
+    assert sorted(os.listdir(tmp_path / "ours")) == ["eraser.json", "eraser.safetensors"]
+    converted = load_pipeline(tiny_dir, eraser=str(tmp_path / "ours"))
+    assert converted.eraser_meta["concept"] == "nudity"
+    with torch.no_grad():
+        assert torch.allclose(converted.transformer(**inputs)[0], reference, atol=1e-5)
+    with pytest.raises(unlearn.UserError, match="already holds files"):
+        sample.main(["--convert", str(tmp_path / "authors"), "--model", tiny_dir, "--out", str(tmp_path / "ours")])
+
+
+class Payload:  # what a pickle could carry besides tensors
+    def __reduce__(self):
+        return (os.system, ("echo unpickled",))
+
+
+def test_the_authors_format_is_read_without_unpickling_and_checked_against_the_model(tiny_dir, tmp_path):
+    pipe = unlearn.load_base_pipeline(tiny_dir, "cpu")
+    bad = tmp_path / "code"
+    write_authors_eraser(bad, pipe.transformer)
+    torch.save({"transformer_blocks.0.attn1.adapter": Payload()}, bad / "eraser_weights.pt")
+    result = run("sample.py", "--model", tiny_dir, "--eraser", str(bad), "--prompt", "a red square", "--steps", "2",
+                 "--out", str(tmp_path / "v.mp4"))
+    assert result.returncode == 2 and "cannot read the eraser" in result.stderr and "unpickled" not in result.stdout
+    other = tiny_pipeline("sincos-2B-like", num_layers=3)  # one block more than the tiny configs
+    write_authors_eraser(tmp_path / "three", other.transformer)
+    with pytest.raises(unlearn.UserError, match="3 erasers of width 32.*2 blocks of width 32"):
+        load_pipeline(tiny_dir, eraser=str(tmp_path / "three"))
+    json.dump({"eraser_type": "lora", "eraser_rank": 4}, open(tmp_path / "three" / "eraser_config.json", "w"))
+    with pytest.raises(unlearn.UserError, match="of type 'lora'"):
+        load_pipeline(tiny_dir, eraser=str(tmp_path / "three"))
+
+
+# -----------------------------------------------------------------------------
 # Erasure on the toy model: run once with the defaults, judged on held-out phrasings
 
 @pytest.fixture(scope="session")
@@ -365,6 +645,31 @@ def test_save_then_load_gives_identical_erasers_and_videos(red_eraser, tmp_path)
     a = generate(pipe, ["a red square moving left"], seed=3, steps=5)[0]
     b = generate(pipe2, ["a red square moving left"], seed=3, steps=5)[0]
     assert np.array_equal(a, b)
+
+
+def test_an_eraser_attaches_to_an_offloaded_pipeline_the_user_built(red_eraser):
+    from sample import apply_eraser
+    prompt = ["a red square moving left"]
+    expected = generate(load_pipeline("toy", eraser=red_eraser), prompt, seed=3, steps=5)[0]
+    built = unlearn.load_base_pipeline("toy", "cpu")
+    built.enable_model_cpu_offload(device="cpu")  # the user's own pipeline, offloaded before the eraser comes
+    apply_eraser(built, red_eraser)
+    ours = load_pipeline("toy", eraser=red_eraser, offload=True)  # sample.py --offload
+    assert hasattr(ours.transformer, "_hf_hook") and hasattr(ours.text_encoder, "_hf_hook")
+    for pipe in (built, ours):
+        assert np.array_equal(generate(pipe, prompt, seed=3, steps=5)[0], expected)
+
+
+def test_an_eraser_is_checked_by_architecture_not_by_the_whole_config(red_eraser, tmp_path):
+    upgraded, other = tmp_path / "upgraded", tmp_path / "other"
+    for folder, change in ((upgraded, {"a_key_a_later_diffusers_adds": 1}), (other, {"num_layers": 5})):
+        shutil.copytree(red_eraser, folder)
+        meta = json.load(open(folder / "eraser.json"))
+        meta["base_config"].update(change)
+        json.dump(meta, open(folder / "eraser.json", "w"))
+    assert load_pipeline("toy", eraser=str(upgraded)).eraser_meta["concept"] == "red"
+    with pytest.raises(unlearn.UserError, match=r"made for another base model, toy \(num_layers 5 \(this model: 4\)\)"):
+        load_pipeline("toy", eraser=str(other))
 
 
 @pytest.fixture(scope="session")
