@@ -1,6 +1,6 @@
 """bench.py: what one unlearning step costs, against its floor, and what memory it needs.
 
-    python bench.py             # CPU: a random CogVideoX at a long video sequence, about 5 minutes
+    python bench.py             # CPU: a random CogVideoX at a long video sequence, about 8 minutes on 2 cores
     python bench.py --gpu       # one GPU: CogVideoX-2B, 5B and 1.5 shapes, random weights, bf16 (< 8 minutes)
     python bench.py --tiny      # the smallest size, to keep this script working (the tests run it)
 
