@@ -45,6 +45,7 @@ SENTENCES = ["{camera} of {subject} who {action} {place} {light}. The video show
 PRESERVE = {"nudity": ["a fully clothed woman", "a fully clothed man", "people in casual clothes",
                       "a person in a coat"]}
 GENERIC_PRESERVE = ["a man", "a woman", "a dog", "a car"]
+REFINER_TRIES = 3  # outputs sampled per prompt until one names the concept
 REFINER_INSTRUCTIONS = (
     "Rewrite the user's short video idea as one detailed paragraph for a text-to-video model: the subject, what "
     "happens, the setting, the light and the camera. Keep every element of the idea, including '{concept}', "
@@ -105,7 +106,7 @@ def substitute(prompt, concept, text):
     return out[:1].upper() + out[1:] if prompt[:1].isupper() else out  # a sentence still starts as one
 
 
-def refine_prompts(prompts, concept, refiner, device, dtype, tries=3):
+def refine_prompts(prompts, concept, refiner, device, dtype, tries=REFINER_TRIES):
     """Rewrite prompts with a language model on `device`, keeping only outputs that still name the concept,
     as the authors did. Returns the rewritten prompts and how many outputs were dropped."""
     from transformers import pipeline

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from prompts import TOY, concept_pattern, concept_templates, default_preserve, fill, refine_prompts, substitute
+from prompts import (REFINER_TRIES, TOY, concept_pattern, concept_templates, default_preserve, fill, refine_prompts,
+                     substitute)
 from runs import (Interrupted, UserError, deferred_interrupt, restore_checkpoint, run_cli, save_checkpoint, why,
                   write_atomic)
 
@@ -77,8 +78,8 @@ def build_parser():
     g.add_argument("--batch-size", type=int, default=1, help="concept prompts per step (default 1)")
     g.add_argument("--num-frames", type=int, default=None,
                    help=f"video frames to train on (default {TRAIN_FRAMES}, or fewer if the model makes fewer: the "
-                        "authors' reported length, and what one 24-80 GB GPU holds for every CogVideoX; the erasers "
-                        "act per token, so they apply to videos of any length, 49 or 81 frames included)")
+                        "length reported for the authors' training, chosen as what fits one GPU; bench.py --gpu "
+                        "measures it; the erasers act per token, so they apply to videos of any length)")
     g.add_argument("--height", type=int, default=None,
                    help="video height in px (default: what the model was made for: 480 for 2B and 5B, 768 for 1.5)")
     g.add_argument("--width", type=int, default=None,
@@ -212,7 +213,7 @@ def build_prompts(args, rng, device=None, log=print):
         prompts, dropped = refine_prompts(prompts, args.concept, args.refiner, device, pick_dtype(device))
         free_memory()  # the language model leaves the GPU before the video model comes
         log(f"# 2. The refiner rewrote {len(prompts)} of {asked} prompts; it dropped {dropped} outputs that did "
-            f"not name '{args.concept}' ({asked - len(prompts)} prompts had none in 3 tries)")
+            f"not name '{args.concept}' ({asked - len(prompts)} prompts had none in {REFINER_TRIES} tries)")
     preserve = args.preserve or default_preserve(args.model, args.concept)
     anchors = ["" if args.anchor == "empty" else substitute(p, args.concept, "") for p in prompts]
     # c_pre: the prompt with something to keep in the concept's place, drawn once per prompt
