@@ -121,15 +121,16 @@ def fitted_erasers(eraser_dir, transformer):
     for key, value in weights.items():
         module, name, param = key.rsplit(".", 2)
         by_block[f"{block.get(module, module)}.{name}.{param}"] = value
-    cfg, downs = transformer.config, [w for k, w in weights.items() if k.endswith("down.weight")]
+    downs = [w for k, w in weights.items() if k.endswith("down.weight")]
     rank, width = downs[0].shape if downs else (0, 0)
-    erasers = nn.ModuleList(Eraser(cfg.num_attention_heads * cfg.attention_head_dim, rank) for _ in block)
+    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    erasers = nn.ModuleList(Eraser(dim, rank) for _ in block)
     try:
         erasers.load_state_dict(by_block)
     except RuntimeError:
         raise UserError(f"the eraser in '{eraser_dir}' ({len(downs)} erasers of width {width}) does not fit this "
-                        f"model ({len(block)} blocks of width {cfg.num_attention_heads * cfg.attention_head_dim}): "
-                        f"it was made for another base model, {meta.get('model') or 'unnamed'}")
+                        f"model ({len(block)} blocks of width {dim}): it was made for another base model, "
+                        f"{meta.get('model') or 'unnamed'}")
     if meta.get("rank") not in (None, rank):
         raise UserError(f"the eraser in '{eraser_dir}' says rank {meta['rank']} but its weights have rank {rank}")
     return erasers, meta
