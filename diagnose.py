@@ -28,9 +28,10 @@ import toy
 from prompts import is_toy, substitute
 from runs import UserError, run_cli
 from sample import decode_video
-from unlearn import (attach_erasers, concept_mask, concept_tokens, ddim_sampler, encode_prompts, load_base_pipeline,
-                     native_size, negative_guidance_target, processors, rotary_embeddings, sample_latents,
-                     text_length, token_grid, video_shape)
+from families import Text
+from unlearn import (attach_erasers, concept_mask, concept_tokens, encode_prompts, load_base_pipeline, model_inputs,
+                     native_size, negative_guidance_target, processors, sample_latents, text_length, token_grid,
+                     velocity, video_shape, x_t_sampler)
 
 
 def native_shape(pipe):
@@ -63,23 +64,17 @@ class TargetPreview:
                  num_frames=None, height=None, width=None, max_sequence_length=None):
         pipe, prompts = self.pipe, [prompt] if isinstance(prompt, str) else list(prompt)
         cond, anchor = encode_prompts(pipe, prompts), encode_prompts(pipe, [self._anchor(p) for p in prompts])
-        uncond = encode_prompts(pipe, [""]).expand(len(prompts), -1, -1)
+        rows = Text.cat([encode_prompts(pipe, [""]).expand(len(prompts)), cond, anchor])
         frames, h, w = native_size(pipe)
         shape = video_shape(pipe, num_frames or frames, height or h, width or w)
-        noise = torch.randn((len(prompts), *shape), generator=generator).to(cond.device, cond.dtype)
-
-        def velocity(hidden_states, encoder_hidden_states, timestep, image_rotary_emb, return_dict):
-            # sample_latents asks for [v(x, uncond); v(x, c)]: the second half becomes v_neg
-            x, n = hidden_states.chunk(2)[1], len(prompts)
-            v = pipe.transformer(hidden_states=torch.cat([x, x, x]), timestep=timestep[:n].repeat(3),
-                                 encoder_hidden_states=torch.cat([uncond, cond, anchor]),
-                                 image_rotary_emb=image_rotary_emb, return_dict=False)[0]
-            v_uncond, v_cond, v_anchor = v.chunk(3)
-            return (torch.cat([v_uncond, negative_guidance_target(v_cond, v_anchor, self.eta)]),)
-
-        latents = sample_latents(velocity, ddim_sampler(pipe.scheduler, num_inference_steps, cond.device), noise,
-                                 cond, uncond, rotary_embeddings(pipe, shape), guidance_scale)[-1]
-        return types.SimpleNamespace(frames=decode_video(pipe, latents, output_type))
+        x = torch.randn((len(prompts), *shape), generator=generator).to(cond.device, pipe.transformer.dtype)
+        sampler, static = x_t_sampler(pipe, num_inference_steps, cond.device), model_inputs(pipe, shape, guidance_scale)
+        for t in sampler.timesteps:  # the pipeline's guidance, with v(x_t, c) replaced by Eq. 1's target
+            v = velocity(pipe.transformer, torch.cat([x, x, x]), t.expand(3 * len(x)), rows, static)
+            v_uncond, v_cond, v_anchor = v.float().chunk(3)
+            v_neg = negative_guidance_target(v_cond, v_anchor, self.eta)
+            x = sampler.step(v_uncond + guidance_scale * (v_neg - v_uncond), t, x, return_dict=False)[0].to(x.dtype)
+        return types.SimpleNamespace(frames=decode_video(pipe, x, output_type))
 
 
 def token_cover(video, colour, grid, temporal, patch):
@@ -104,14 +99,14 @@ def mask_coverage(pipe, concept, threshold=0.1, n=16, steps=20, seed=5):
     scenes = [toy.random_scene(rng, colours=[concept, others[i % len(others)]]) for i in range(n)]
     prompts = [toy.make_prompt(rng, s, words=[concept, s[1]["colour"]]) for s in scenes]
     cfg, transformer, shape = pipe.transformer.config, pipe.transformer, native_shape(pipe)
-    rotary, grid = rotary_embeddings(pipe, shape), token_grid(transformer, shape)
-    cond, uncond = encode_prompts(pipe, prompts), encode_prompts(pipe, [""]).expand(n, -1, -1)
+    static, grid = model_inputs(pipe, shape, 6.0), token_grid(transformer, shape)
+    cond, uncond = encode_prompts(pipe, prompts), encode_prompts(pipe, [""])
     tokens = concept_tokens(pipe.tokenizer, prompts, concept, text_length(pipe)).to(cond.device)
-    scheduler = ddim_sampler(pipe.scheduler, steps, cond.device)
-    noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed)).to(cond.device, cond.dtype)
+    scheduler = x_t_sampler(pipe, steps, cond.device)
+    noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed)).to(cond.device, transformer.dtype)
     _, state = attach_erasers(transformer, 1)  # zero erasers: they only record the concept attention
     state.enabled = False
-    xs = sample_latents(transformer, scheduler, noise, cond, uncond, rotary, 6.0)
+    xs = sample_latents(transformer, scheduler, noise, cond, uncond, static, 6.0)
     videos = decode_video(pipe, xs[-1])
     size = pipe.vae_scale_factor_spatial * cfg.patch_size
     regions = []
@@ -125,8 +120,7 @@ def mask_coverage(pipe, concept, threshold=0.1, n=16, steps=20, seed=5):
     table = {}
     for k in range(0, steps, max(1, steps // 5)):
         state.tokens = tokens
-        transformer(hidden_states=xs[k], encoder_hidden_states=cond, timestep=scheduler.timesteps[k].expand(n),
-                    image_rotary_emb=rotary, return_dict=False)
+        velocity(transformer, xs[k], scheduler.timesteps[k].expand(n), cond, static)
         state.tokens = None
         for block, proc in enumerate(processors(transformer)):
             masks = concept_mask(proc.attention, grid, threshold, torch.ones(n, dtype=torch.bool, device=cond.device))

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from runs import UserError, run_cli, why
+from families import family_of
 from unlearn import (TOY, Eraser, eraser_sites, insert_erasers, load_base_pipeline, model_fingerprint, native_size,
                      pick_device, save_eraser, set_erasers, text_length)
 
@@ -48,12 +49,14 @@ NUDITY_LABELS = ("ARMPITS_EXPOSED", "BELLY_EXPOSED", "FEMALE_BREAST_EXPOSED", "M
 NUDENET_FLOOR = 0.2  # NudeNet 3.4.2 drops detections under this score itself
 
 
-ARCHITECTURE = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "patch_size_t",
-                "text_embed_dim", "use_rotary_positional_embeddings")  # what an eraser's fit depends on
+ARCHITECTURE = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "patch_size",
+                "patch_size_t", "text_embed_dim", "text_dim", "use_rotary_positional_embeddings")  # what an eraser's
+# fit depends on, for every family (a key a family's config lacks reads None)
 
 
 def load_pipeline(model, eraser=None, device=None, dtype=None, offload=False, vae_tiling=False):
-    """A CogVideoXPipeline ('toy', a hub id or a folder), with the eraser from `eraser` attached.
+    """A CogVideoX, Wan or HunyuanVideo pipeline ('toy', a hub id or a folder), with the eraser from `eraser`
+    attached.
 
     For 5B-class models on a 24 GB GPU: `offload`, model CPU offload (the pipeline stays in CPU
     memory and each model visits the GPU while it runs), and `vae_tiling`, tiled VAE decoding. The
@@ -155,18 +158,18 @@ def apply_eraser(pipe, eraser_dir):
 def convert_authors_eraser(source, model, out, concept=""):
     """The authors' released eraser in `source` as ours in `out` (eraser.safetensors + eraser.json), checked
     against `model`'s transformer, built from its config alone (no weights are read)."""
+    import diffusers
     from accelerate import init_empty_weights
-    from diffusers import CogVideoXTransformer3DModel
     if not os.path.isfile(os.path.join(source, "eraser_weights.pt")):
         raise UserError(f"--convert {source}: no eraser_weights.pt there (the authors' format)")
     if os.path.exists(out) and os.listdir(out):
         raise UserError(f"--out {out} already holds files; choose another")
     try:
-        config = CogVideoXTransformer3DModel.load_config(TOY if model == "toy" else model, subfolder="transformer")
+        config = diffusers.AutoModel.load_config(TOY if model == "toy" else model, subfolder="transformer")
     except Exception as e:
         raise UserError(f"cannot read the transformer config of '{model}' ({why(e)}); check --model")
-    with init_empty_weights():
-        transformer = CogVideoXTransformer3DModel.from_config(config)
+    with init_empty_weights():  # a transformer of a family unlearn.py serves, by the class its config names
+        transformer = getattr(diffusers, family_of(config).transformer).from_config(config)
     erasers, meta = fitted_erasers(source, transformer)
     save_eraser(out, erasers, dict(model=model, concept=concept, rank=erasers[0].down.out_features, final=True,
                                    converted_from=os.path.abspath(source), base_config=model_fingerprint(transformer)))
@@ -191,7 +194,8 @@ def generate(pipe, prompts, seed=0, steps=20, batch=16, **kwargs):
 
 
 def decode_video(pipe, latents, output_type="np"):
-    """Latents (B, F', C, H', W') -> videos, as the pipeline's last step: (B, F, H, W, 3) in [0, 1] for "np"."""
+    """CogVideoX latents (B, F', C, H', W') -> videos, as its pipeline's last step: (B, F, H, W, 3) in [0, 1]
+    for "np". (The toy's diagnostics read it; generate() decodes every family through its own pipeline.)"""
     with torch.no_grad():
         frames = pipe.decode_latents(latents.to(pipe.vae.device, pipe.vae.dtype))
     return pipe.video_processor.postprocess_video(frames, output_type=output_type)
@@ -303,7 +307,8 @@ def build_parser():
     p.add_argument("--out", default=None, help="video file (one prompt) or folder (default outputs/...)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (default 6)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default the pipeline's: 6 for CogVideoX and HunyuanVideo, 5 for Wan)")
     p.add_argument("--eval", default=None, help="'toy' (the toy judge) or 'nudity' (NudeNet, as the paper)")
     p.add_argument("--negative-prompt", default=None, help="baseline for --eval (default: the eraser's concept)")
     p.add_argument("--concept", default=None, help="the concept --eval looks for (default: the eraser's)")
@@ -362,8 +367,9 @@ def main(argv=None):
         for name, erasers_on, neg in runs:
             if args.eraser:
                 set_erasers(pipe.transformer, erasers_on)
-            made[name] = generate(pipe, [prompt], seed, args.steps, guidance_scale=args.guidance,
-                                      negative_prompt=neg)[0]
+            guidance = {} if args.guidance is None else {"guidance_scale": args.guidance}
+            made[name] = generate(pipe, [prompt], seed, args.steps, **guidance,
+                                  **family_of(pipe).negative_prompt(neg))[0]
             videos[name].append((prompt, made[name]))
         names = [n for n, _, _ in runs if n != "negative prompt"]
         video = side_by_side([made[n] for n in names], names) if len(names) > 1 else made[names[0]]

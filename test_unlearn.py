@@ -329,59 +329,176 @@ def tiny_pipeline(kind, **config):
                              scheduler=scheduler)
 
 
-@pytest.fixture(scope="session", params=list(TINY))
+def word_tokenizer(words):
+    """A word-level tokenizer over `words`, a punctuation mark a token, any other word <unk>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(["<pad>", "<unk>", "<s>", "</s>", *words]))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+def tiny_wan(**config):
+    """A WanPipeline from configs: the toy's word-level tokenizer, a UMT5 encoder, Wan's VAE and transformer,
+    the UniPC flow sampler Wan ships (shift 3)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+    torch.manual_seed(0)
+    tokenizer = toy.make_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                               num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0))
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    expand = config.pop("expand_timesteps", False)
+    transformer = WanTransformer3DModel(**dict(dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32), **config))
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=scheduler, expand_timesteps=expand)
+
+
+def tiny_hunyuan(**config):
+    """A HunyuanVideoPipeline from configs: word-level tokenizers (the Llama one knows the prompt template's
+    words, so its prefix is more tokens than the 95 the pipeline crops), a Llama and a CLIP text encoder,
+    HunyuanVideo's VAE and transformer (1 double-stream, 2 single-stream blocks), its Euler sampler (shift 7)."""
+    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
+                           HunyuanVideoTransformer3DModel)
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(list(toy.VOCABULARY) + DEFAULT_PROMPT_TEMPLATE["template"].split())
+    text_encoder = LlamaModel(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+                                          pad_token_id=0))
+    tokenizer_2 = word_tokenizer(toy.VOCABULARY)
+    text_encoder_2 = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer_2), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        projection_dim=16, max_position_embeddings=77, eos_token_id=2, bos_token_id=2, pad_token_id=0))
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4)
+    transformer = HunyuanVideoTransformer3DModel(**dict(dict(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=2,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32, pooled_projection_dim=16,
+        rope_axes_dim=(4, 6, 6)), **config))
+    return HunyuanVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, tokenizer_2=tokenizer_2,
+                                text_encoder_2=text_encoder_2, vae=vae, transformer=transformer,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+
+
+FAMILY_TINY = {"wan-2.1-like": lambda: tiny_wan(), "wan-2.2-ti2v-like": lambda: tiny_wan(expand_timesteps=True),
+               "hunyuan-like": lambda: tiny_hunyuan()}
+SIZE = ["--num-frames", "9", "--height", "64", "--width", "64"]  # the tiny pipelines' size, every family
+CALL_SIZE = dict(num_frames=9, height=64, width=64)
+
+
+@pytest.fixture(scope="session", params=list(TINY) + list(FAMILY_TINY))
 def tiny_dir(request, tmp_path_factory):
+    """A tiny pipeline of every family and position-embedding variant, saved to a folder."""
+    path = tmp_path_factory.mktemp(request.param)
+    (tiny_pipeline(request.param) if request.param in TINY else FAMILY_TINY[request.param]()).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session", params=list(TINY))
+def cogvideox_dir(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     tiny_pipeline(request.param).save_pretrained(path)
     return str(path)
 
 
-def transformer_inputs(pipe, batch=2):
-    shape = unlearn.video_shape(pipe, 9, 64, 64)  # (3 or, padded for 1.5, 4 latent frames, 16, 8, 8)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, *shape, generator=g)
-    text = torch.randn(batch, 226, toy.TEXT_DIM, generator=g)
-    return dict(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([999, 500]),
-                image_rotary_emb=unlearn.rotary_embeddings(pipe, shape), return_dict=False)
+def transformer_inputs(pipe, batch=2, dtype=torch.float32):
+    """(x_t, t, text, fixed inputs) for a tiny pipeline's transformer: two prompts, a 9-frame 64x64 video."""
+    shape = unlearn.video_shape(pipe, 9, 64, 64)
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(1))
+    text = unlearn.encode_prompts(pipe, ["a red square moving left", "a blue box"][:batch])
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in text.inputs.items()}
+    static = {k: v.to(dtype) if torch.is_tensor(v) else v for k, v in unlearn.model_inputs(pipe, shape, 6.0).items()}
+    return x.to(dtype), torch.tensor([999.0, 500.0][:batch]), unlearn.Text(**cast), static
 
 
 def test_processor_with_erasers_off_is_the_stock_processor_bit_for_bit(tiny_dir):
     pipe = unlearn.load_base_pipeline(tiny_dir, "cpu")
     inputs = transformer_inputs(pipe)
     with torch.no_grad():
-        stock = pipe.transformer(**inputs)[0]
+        stock = unlearn.velocity(pipe.transformer, *inputs)
         erasers, state = unlearn.attach_erasers(pipe.transformer, 8)
         for e in erasers:  # non-zero erasers, so that "off" is really off
             torch.nn.init.normal_(e.up.weight)
         state.enabled = False
-        off = pipe.transformer(**inputs)[0]
+        off = unlearn.velocity(pipe.transformer, *inputs)
         state.enabled = True
-        on = pipe.transformer(**inputs)[0]
+        on = unlearn.velocity(pipe.transformer, *inputs)
     assert torch.equal(stock, off)
     assert not torch.allclose(stock, on)
 
 
-def test_concept_attention_equals_softmax_over_text_keys(tiny_dir):
+def test_concept_attention_is_the_stock_attentions_own_queries_and_text_keys(tiny_dir, monkeypatch):
+    """The reference is what the stock processor itself hands to attention, caught there: CogVideoX's
+    [text; video] joint sequence (heads first), Wan's attn2 (video queries, text keys), HunyuanVideo's
+    [video; text] single-stream sequence with its padding mask."""
+    from diffusers.models.transformers import transformer_hunyuan_video, transformer_wan
     pipe = unlearn.load_base_pipeline(tiny_dir, "cpu")
-    attn = pipe.transformer.transformer_blocks[0].attn1
-    inputs = transformer_inputs(pipe)
-    n = math.prod(unlearn.token_grid(pipe.transformer, inputs["hidden_states"].shape[1:]))  # video tokens
-    video, text = torch.randn(2, n, 32), torch.randn(2, 226, 32)
-    tokens = torch.zeros(2, 226)
+    x, t, text, static = transformer_inputs(pipe)
+    length, n = text.inputs["encoder_hidden_states"].shape[1], math.prod(unlearn.token_grid(pipe.transformer, x.shape[1:]))
+    caught, inside = [], []
+
+    def spy(attend):
+        def attention(*args, **kw):  # query and key by position (torch's) or by name (diffusers' dispatch)
+            if inside == [1]:  # called by a stock processor, not by another attention function
+                q, k = (list(args) + [kw.get(n) for n in ("query", "key")][len(args):])[:2]
+                caught.append((q, k, kw.get("attn_mask")))
+            inside.append(2)
+            try:
+                return attend(*args, **kw)
+            finally:
+                inside.pop()
+        return attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        spy(torch.nn.functional.scaled_dot_product_attention))
+    for module in (transformer_wan, transformer_hunyuan_video):
+        monkeypatch.setattr(module, "dispatch_attention_fn", spy(module.dispatch_attention_fn))
+    _, state = unlearn.attach_erasers(pipe.transformer, 4)
+    for proc in unlearn.processors(pipe.transformer):
+        proc.stock = lambda *a, stock=proc.stock: (inside.append(1), stock(*a), inside.pop())[1]
+    tokens = torch.zeros(2, length)
+    tokens[:, 1] = tokens[0, 3] = 1
+    with torch.no_grad():
+        attention = unlearn.teacher_pass(pipe.transformer, state, x[:1], t[:1], text[:1], text[1:], tokens[:1],
+                                         static)[3]
+    family = type(pipe).__name__
+    assert len(caught) == len(attention)
+    for ours, (q, k, mask) in zip(attention, caught):
+        if family == "CogVideoXPipeline":  # (B, H, L + N, d), text first
+            q, k = q[:, :, length:], k[:, :, :length]
+        elif family == "WanPipeline":  # (B, N, H, d) video queries, (B, L, H, d) text keys
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        else:  # (B, N + L, H, d), video first; mask (B, 1, 1, N + L)
+            q, k, mask = q[:, :n].transpose(1, 2), k[:, n:].transpose(1, 2), mask[:, 0, 0, n:]
+        logits = q[:1] @ k[:1].transpose(-1, -2) / q.shape[-1] ** 0.5
+        if mask is not None:
+            assert not mask[:1].all()  # the padding is masked
+            logits = logits.masked_fill(~mask[:1, None, None, :], float("-inf"))
+        expected = (logits.softmax(-1) * tokens[:1, None, None, :]).sum(-1).mean(1)  # (1, N)
+        assert torch.allclose(ours, expected, atol=1e-6)
+
+
+def test_concept_attention_is_chunked_without_changing_it():
+    q, k, tokens = torch.randn(2, 2, 50, 16), torch.randn(2, 2, 226, 16), torch.zeros(2, 226)
     tokens[:, 3:5] = 1
-    got = unlearn.concept_attention(attn, video, text, inputs["image_rotary_emb"], tokens, chunk=7)
-    q = attn.norm_q(attn.to_q(video).unflatten(-1, (2, 16)).transpose(1, 2))
-    k = attn.norm_k(attn.to_k(text).unflatten(-1, (2, 16)).transpose(1, 2))
-    if inputs["image_rotary_emb"] is not None:
-        from diffusers.models.embeddings import apply_rotary_emb
-        q = apply_rotary_emb(q, inputs["image_rotary_emb"])
+    whole = unlearn.concept_attention(q, k, tokens)
+    assert torch.allclose(unlearn.concept_attention(q, k, tokens, chunk=7), whole, atol=1e-7)
     probs = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)  # (B, H, n, 226)
-    assert torch.allclose(got, probs[..., 3:5].sum(-1).mean(1), atol=1e-6)
+    assert torch.allclose(whole, probs[..., 3:5].sum(-1).mean(1), atol=1e-6)
 
 
 def small_args(model, out, *extra):
     return unlearn.parse_args(["--model", model, "--concept", "red", "--output-dir", str(out), "--steps", "2",
-                               "--num-prompts", "4", "--xt-steps", "3", "--rank", "8", *extra])
+                               "--num-prompts", "4", "--xt-steps", "3", "--rank", "8", *SIZE, *extra])
 
 
 def test_one_step_changes_only_eraser_weights_and_preservation_starts_at_zero(tiny_dir, tmp_path):
@@ -399,38 +516,38 @@ def test_one_step_changes_only_eraser_weights_and_preservation_starts_at_zero(ti
     assert history["unlearn"][0] > 0
 
 
-def test_x_t_comes_from_the_frozen_models_trajectories_of_the_concept_prompts(tiny_dir, tmp_path):
-    pipe = unlearn.load_base_pipeline(tiny_dir, "cpu")
-    args = small_args(tiny_dir, tmp_path)
+def test_x_t_comes_from_the_frozen_models_trajectories_of_the_concept_prompts(cogvideox_dir, tmp_path):
+    pipe = unlearn.load_base_pipeline(cogvideox_dir, "cpu")
+    args = small_args(cogvideox_dir, tmp_path)
     prompts, anchors, preserved = unlearn.build_prompts(args, random.Random(0))
     tokens, embeds = unlearn.encode_run_prompts(pipe, "red", prompts, anchors, preserved)
     r = unlearn.setup_training(args, pipe, embeds, tokens, log=lambda *_: None)
     shape = unlearn.video_shape(pipe, args.num_frames, args.height, args.width)
     pipe.scheduler.set_timesteps(args.xt_steps)  # DDIM's steps on the pipeline's schedule, whatever its sampler
-    assert type(r.xt.scheduler).__name__ == "CogVideoXDDIMScheduler"
-    assert torch.equal(r.xt.scheduler.timesteps, pipe.scheduler.timesteps)
+    assert type(r.xt.sampler).__name__ == "CogVideoXDDIMScheduler"
+    assert torch.equal(r.xt.sampler.timesteps, pipe.scheduler.timesteps)
     with torch.no_grad():  # the pool again, step by step, one prompt at a time
         gen = torch.Generator().manual_seed(args.seed)
-        for i, cond in enumerate(embeds["concept"]):
+        for i, cond in enumerate(embeds["concept"].inputs["encoder_hidden_states"]):
             x = torch.randn((1, *shape), generator=gen)
-            for k, t in enumerate(r.xt.scheduler.timesteps):
+            for k, t in enumerate(r.xt.sampler.timesteps):
                 assert torch.equal(r.xt.pool[k, i], x[0]), (i, k)
                 v_uncond, v_cond = pipe.transformer(hidden_states=torch.cat([x, x]),
-                                                    encoder_hidden_states=torch.stack([embeds["empty"][0], cond]),
-                                                    timestep=t.expand(2), image_rotary_emb=r.rotary,
-                                                    return_dict=False)[0].chunk(2)
-                x = r.xt.scheduler.step(v_uncond + args.guidance * (v_cond - v_uncond), t, x, return_dict=False)[0]
+                                                    encoder_hidden_states=torch.stack(
+                                                        [embeds["empty"].inputs["encoder_hidden_states"][0], cond]),
+                                                    timestep=t.expand(2), return_dict=False, **r.static)[0].chunk(2)
+                x = r.xt.sampler.step(v_uncond + args.guidance * (v_cond - v_uncond), t, x, return_dict=False)[0]
             assert torch.equal(r.xt.pool[-1, i], x[0]), i
 
 
 def test_unlearn_then_load_pipeline_on_tiny_configs(tiny_dir, tmp_path):
     out = tmp_path / "eraser"
     unlearn.main(["--model", tiny_dir, "--concept", "red", "--output-dir", str(out), "--steps", "2",
-                  "--num-prompts", "4", "--xt-steps", "3", "--rank", "8"])
+                  "--num-prompts", "4", "--xt-steps", "3", "--rank", "8", *SIZE])
     meta = json.load(open(out / "eraser.json"))
     assert meta["final"] and meta["steps_done"] == 2 and meta["num_frames"] == 9
     pipe = load_pipeline(tiny_dir, eraser=str(out))
-    video = pipe("a red square", num_inference_steps=2, output_type="np").frames[0]
+    video = pipe("a red square", num_inference_steps=2, output_type="np", **CALL_SIZE).frames[0]
     assert video.shape == (9, 64, 64, 3)
 
 
@@ -442,7 +559,7 @@ def test_erasers_live_in_the_module_tree_and_follow_to_float64(tiny_dir, tmp_pat
     pipe = unlearn.load_base_pipeline(tiny_dir, "cpu")
     inputs = transformer_inputs(pipe)
     with torch.no_grad():
-        stock = pipe.transformer(**inputs)[0]
+        stock = unlearn.velocity(pipe.transformer, *inputs)
     erasers, state = unlearn.attach_erasers(pipe.transformer, 8)
     for e in erasers:  # non-zero erasers
         torch.nn.init.normal_(e.up.weight)
@@ -454,11 +571,11 @@ def test_erasers_live_in_the_module_tree_and_follow_to_float64(tiny_dir, tmp_pat
     assert sum("processor.eraser." in k for k in saved) == 4 * len(erasers)
     pipe.to(torch.float64)  # the erasers follow, as any submodule
     assert {p.dtype for p in erasers.parameters()} == {torch.float64}
-    inputs = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    inputs = transformer_inputs(pipe, dtype=torch.float64)
     with torch.no_grad():
-        on = pipe.transformer(**inputs)[0]
+        on = unlearn.velocity(pipe.transformer, *inputs)
         state.enabled = False
-        off = pipe.transformer(**inputs)[0]
+        off = unlearn.velocity(pipe.transformer, *inputs)
     assert on.dtype == torch.float64 and not torch.allclose(on, off)
     assert torch.allclose(off.float(), stock, atol=1e-5)
 
@@ -469,7 +586,7 @@ def test_model_size_and_text_length_come_from_the_config():
                          max_text_seq_length=64)
     assert unlearn.native_size(pipe) == (81, 768, 1360)
     args = unlearn.parse_args(["--concept", "red"])
-    unlearn.resolve_size(pipe, args)
+    unlearn.resolve_defaults(pipe, args)
     assert (args.num_frames, args.height, args.width) == (17, 768, 1360)
     assert unlearn.video_shape(pipe, 17, 768, 1360) == (6, 16, 96, 170)  # 5 latent frames padded to 6
     assert unlearn.text_length(pipe) == 64
@@ -477,7 +594,7 @@ def test_model_size_and_text_length_come_from_the_config():
     assert unlearn.native_size(small) == (9, 64, 64)
     two_b = tiny_pipeline("sincos-2B-like", sample_height=60, sample_width=90, sample_frames=49)
     assert unlearn.native_size(two_b) == (49, 480, 720)
-    unlearn.resolve_size(two_b, args := unlearn.parse_args(["--concept", "red"]))
+    unlearn.resolve_defaults(two_b, args := unlearn.parse_args(["--concept", "red"]))
     assert (args.num_frames, args.height, args.width) == (17, 480, 720)
 
 
@@ -487,7 +604,7 @@ def test_another_text_length_runs_through_unlearning_and_sampling(tmp_path):
     unlearn.main(["--model", str(model), "--concept", "red", "--output-dir", str(out), "--steps", "2",
                   "--num-prompts", "4", "--xt-steps", "3", "--rank", "8"])
     pipe = load_pipeline(str(model), eraser=str(out))
-    assert unlearn.encode_prompts(pipe, ["a red square"]).shape[1] == 64
+    assert unlearn.encode_prompts(pipe, ["a red square"]).inputs["encoder_hidden_states"].shape[1] == 64
     assert generate(pipe, ["a red square"], steps=2)[0].shape == (9, 64, 64, 3)
 
 
@@ -518,11 +635,11 @@ def test_loc_gradient_block_by_block_under_checkpointing_equals_one_backward_wit
     idx = torch.randint(0, len(r.cond), (1,), generator=r.gen)
     x_t, t = r.xt.draw(idx)
     v_cond, v_anchor, _, attention = unlearn.teacher_pass(r.transformer, r.state, x_t, t, r.cond[idx],
-                                                          r.anchor[idx], r.tokens[idx], r.rotary)
+                                                          r.anchor[idx], r.tokens[idx], r.static)
     masks = [unlearn.concept_mask(a, r.grid, args.mask_threshold, r.has_concept[idx]) for a in attention]
     assert any(m.mean() < 1 for m in masks)
     r.erasers.zero_grad(set_to_none=True)
-    v = unlearn.student_pass(r.transformer, r.state, x_t, t, r.cond[idx], r.rotary, record=True)
+    v = unlearn.student_pass(r.transformer, r.state, x_t, t, r.cond[idx], r.static, record=True)
     loc = torch.stack([unlearn.localization_loss(p.eraser(p.eraser_input), m)
                        for p, m in zip(unlearn.processors(r.transformer), masks)]).mean()
     (unlearn.unlearn_loss(v, unlearn.negative_guidance_target(v_cond, v_anchor, args.eta)) + 0.5 * loc).backward()
@@ -551,9 +668,9 @@ def write_authors_eraser(folder, transformer, rank=4, seed=0):
     """An eraser in the authors' released format, written as their code writes it; returns its adapters."""
     g = torch.Generator().manual_seed(seed)
     dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    adapters = {}
-    for i in range(len(transformer.transformer_blocks)):
-        adapters[f"transformer_blocks.{i}.attn1.adapter"] = {
+    adapters = {}  # keys as theirs: transformer_blocks.{i}.attn1 (CogVideoX), single_transformer_blocks.{i}.attn
+    for path, _ in unlearn.eraser_sites(transformer):  # (HunyuanVideo); for Wan, where unlearn.py puts them
+        adapters[f"{path}.adapter"] = {
             "down.weight": torch.randn(rank, dim, generator=g) / dim ** 0.5,
             "down.bias": torch.randn(rank, generator=g),
             "up.weight": torch.randn(dim, rank, generator=g), "up.bias": torch.randn(dim, generator=g)}
@@ -569,24 +686,25 @@ def test_the_authors_eraser_format_gives_their_wrapper_output_and_converts(tiny_
     adapters = write_authors_eraser(tmp_path / "authors", pipe.transformer)
     inputs = transformer_inputs(pipe)
 
-    def their_wrapper(sd):  # h_video + adapter(h_video) on attn1's video output, the adapter as theirs
+    def their_wrapper(sd):  # h_video + adapter(h_video) on the attention's video output, the adapter as theirs
         adapter = torch.nn.Sequential(torch.nn.Linear(*sd["down.weight"].T.shape), torch.nn.GELU(),
                                       torch.nn.Linear(*sd["up.weight"].T.shape))
         adapter.load_state_dict({"0.weight": sd["down.weight"], "0.bias": sd["down.bias"],
                                  "2.weight": sd["up.weight"], "2.bias": sd["up.bias"]})
-        return lambda module, args, output: (output[0] + adapter(output[0]), output[1])
+        return lambda module, args, out: (out[0] + adapter(out[0]), out[1]) if isinstance(out, tuple) \
+            else out + adapter(out)
 
-    hooks = [block.attn1.register_forward_hook(their_wrapper(adapters[f"transformer_blocks.{i}.attn1.adapter"]))
-             for i, block in enumerate(pipe.transformer.transformer_blocks)]
+    hooks = [attn.register_forward_hook(their_wrapper(adapters[f"{path}.adapter"]))
+             for path, attn in unlearn.eraser_sites(pipe.transformer)]
     with torch.no_grad():
-        reference = pipe.transformer(**inputs)[0]
+        reference = unlearn.velocity(pipe.transformer, *inputs)
         for hook in hooks:
             hook.remove()
-        stock = pipe.transformer(**inputs)[0]
+        stock = unlearn.velocity(pipe.transformer, *inputs)
     assert not torch.allclose(reference, stock)
     meta = sample.apply_eraser(pipe, str(tmp_path / "authors"))
     with torch.no_grad():
-        theirs = pipe.transformer(**inputs)[0]
+        theirs = unlearn.velocity(pipe.transformer, *inputs)
     assert meta["format"] == "the authors'" and torch.allclose(theirs, reference, atol=1e-5)
 
     # converted to ours (safetensors + json), the same output; `--out` already used is refused
@@ -596,7 +714,7 @@ def test_the_authors_eraser_format_gives_their_wrapper_output_and_converts(tiny_
     converted = load_pipeline(tiny_dir, eraser=str(tmp_path / "ours"))
     assert converted.eraser_meta["concept"] == "nudity"
     with torch.no_grad():
-        assert torch.allclose(converted.transformer(**inputs)[0], reference, atol=1e-5)
+        assert torch.allclose(unlearn.velocity(converted.transformer, *inputs), reference, atol=1e-5)
     with pytest.raises(unlearn.UserError, match="already holds files"):
         sample.main(["--convert", str(tmp_path / "authors"), "--model", tiny_dir, "--out", str(tmp_path / "ours")])
 
@@ -610,7 +728,7 @@ def test_the_authors_format_is_read_without_unpickling_and_checked_against_the_m
     pipe = unlearn.load_base_pipeline(tiny_dir, "cpu")
     bad = tmp_path / "code"
     write_authors_eraser(bad, pipe.transformer)
-    torch.save({"transformer_blocks.0.attn1.adapter": Payload()}, bad / "eraser_weights.pt")
+    torch.save({f"{unlearn.eraser_sites(pipe.transformer)[0][0]}.adapter": Payload()}, bad / "eraser_weights.pt")
     result = run("sample.py", "--model", tiny_dir, "--eraser", str(bad), "--prompt", "a red square", "--steps", "2",
                  "--out", str(tmp_path / "v.mp4"))
     assert result.returncode == 2 and "cannot read the eraser" in result.stderr and "unpickled" not in result.stdout

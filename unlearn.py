@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from families import Text, family_of
 from prompts import (REFINER_TRIES, TOY, concept_pattern, concept_templates, default_preserve, fill, refine_prompts,
                      substitute)
 from runs import (Interrupted, UserError, deferred_interrupt, restore_checkpoint, run_cli, save_checkpoint, why,
@@ -48,7 +49,8 @@ def build_parser():
     g = p.add_argument_group("what to erase, and from what")
     g.add_argument("--concept", default="", help="the concept to erase, as prompts name it: 'nudity', 'red'")
     g.add_argument("--model", default="THUDM/CogVideoX-2b",
-                   help="CogVideoX text-to-video pipeline: hub id, folder, or 'toy' (default THUDM/CogVideoX-2b)")
+                   help="text-to-video pipeline (CogVideoX, Wan, HunyuanVideo): hub id, folder, or 'toy' "
+                        "(default THUDM/CogVideoX-2b)")
     g.add_argument("--output-dir", default=None, help="where the eraser goes (default erasers/<concept>)")
     g.add_argument("--overwrite", action="store_true", help="replace an eraser already in --output-dir")
     g = p.add_argument_group("prompts")
@@ -70,7 +72,9 @@ def build_parser():
                    help="how x_t is made: a pool of the frozen model's trajectories made once (default), "
                         "or ESD's: the model being trained samples afresh every step (up to --xt-steps passes)")
     g.add_argument("--xt-steps", type=int, default=20, help="sampling steps of the trajectories (default 20)")
-    g.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance while sampling x_t")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="guidance while sampling x_t, as the pipeline guides: classifier-free (default 6 for "
+                        "CogVideoX, 5 for Wan) or HunyuanVideo's embedded guidance (default 6, every pass)")
     g = p.add_argument_group("training")
     g.add_argument("--rank", type=int, default=128, help="eraser rank (default 128, as the released checkpoints)")
     g.add_argument("--steps", type=int, default=500, help="optimizer steps (default 500)")
@@ -123,73 +127,54 @@ def pick_dtype(device, dtype=None):
 
 
 def load_base_pipeline(model, device=None, dtype=None, move=True):
-    """A diffusers CogVideoX pipeline, in the dtype for `device`. 'toy' means the folder toy/.
-
-    With move=False it stays in CPU memory: unlearn.py moves one part at a time to the GPU.
-    """
-    from diffusers import CogVideoXPipeline
+    """A diffusers text-to-video pipeline of a family unlearn.py serves (families.py), in the dtype for
+    `device`. 'toy' means the folder toy/. With move=False it stays in CPU memory: unlearn.py moves one
+    part at a time to the GPU."""
+    from diffusers import DiffusionPipeline
     device = pick_device(device)
     path = TOY if model == "toy" else model
-    try:
-        pipe = CogVideoXPipeline.from_pretrained(path, torch_dtype=pick_dtype(device, dtype), use_safetensors=True)
-    except Exception as e:  # not found, no network, not a CogVideoX pipeline
+    try:  # the pipeline class its model_index.json names; never remote code
+        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=pick_dtype(device, dtype), use_safetensors=True)
+    except Exception as e:  # not found, no network, not a diffusers pipeline
         raise UserError(f"cannot load model '{model}' ({why(e)}); check the name, or try --model toy")
-    check_servable(pipe, model)
+    family_of(pipe).check(pipe, model)  # one line for what these steps cannot serve, before any work
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if move else pipe
 
 
-def check_servable(pipe, model):
-    """One line for a pipeline these steps cannot serve, before any work is done."""
-    cfg = pipe.transformer.config
-    if cfg.in_channels != cfg.out_channels:
-        raise UserError(f"'{model}' is an image-to-video model (it reads {cfg.in_channels} latent channels, "
-                        f"draws {cfg.out_channels}); unlearn.py serves text-to-video pipelines")
-    width = getattr(pipe.text_encoder.config, "d_model", None) if pipe.text_encoder is not None else None
-    if width is not None and width != cfg.text_embed_dim:
-        raise UserError(f"'{model}': its text encoder gives {width}-wide embeddings, its transformer reads "
-                        f"{cfg.text_embed_dim}: not a pipeline that can run")
-
-
 def text_length(pipe):
-    """Tokens a prompt is encoded to: what the transformer was built for (226 for every CogVideoX)."""
-    return pipe.transformer.config.max_text_seq_length
+    """Tokens a prompt is encoded to: 226 for CogVideoX (its config), 512 for Wan, 256 for HunyuanVideo."""
+    return family_of(pipe).text_length(pipe)
 
 
 def native_size(pipe):
-    """(frames, height, width) the model was made for, from its config."""
-    cfg, s = pipe.transformer.config, pipe.vae_scale_factor_spatial
-    height, width = cfg.sample_height * s, cfg.sample_width * s
-    if cfg.patch_size_t:  # CogVideoX 1.5: its sample size (300 latents: 2400 px) bounds its RoPE grid, it is
-        height, width = min(768, height), min(1360, width)  # not a video size; its model card's size, within it
-    return cfg.sample_frames, height, width
+    """(frames, height, width) the model was made for."""
+    return family_of(pipe).native_size(pipe)
 
 
-def resolve_size(pipe, args):
-    """Training video size in frames and px: what was asked, else see --num-frames, --height, --width."""
+def resolve_defaults(pipe, args):
+    """What was asked, else the model's own: training frames (see --num-frames), height, width, guidance."""
     frames, height, width = native_size(pipe)
     args.num_frames = args.num_frames or min(frames, TRAIN_FRAMES)
     args.height, args.width = args.height or height, args.width or width
+    if args.guidance is None:
+        args.guidance = family_of(pipe).default_guidance
 
 
 def video_shape(pipe, num_frames, height, width):
-    """Latent shape (F', C, H', W') of a video of that size."""
-    cfg, s = pipe.transformer.config, pipe.vae_scale_factor_spatial
-    if (num_frames - 1) % pipe.vae_scale_factor_temporal:
-        raise UserError(f"--num-frames {num_frames}: must be 1 + a multiple of {pipe.vae_scale_factor_temporal}")
-    if height % (s * cfg.patch_size) or width % (s * cfg.patch_size):
-        raise UserError(f"--height/--width {height}x{width}: both must be multiples of {s * cfg.patch_size}")
-    frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
-    frames += (-frames) % (cfg.patch_size_t or 1)  # CogVideoX 1.5 pads to a multiple of its temporal patch
-    return frames, cfg.in_channels, height // s, width // s
+    """Latent shape of one video of that size, in the family's layout: (F', C, H', W') for CogVideoX,
+    (C, F', H', W') for Wan and HunyuanVideo."""
+    return family_of(pipe).latent_shape(pipe, num_frames, height, width)
 
 
-def rotary_embeddings(pipe, shape):
-    """RoPE's (cos, sin) for latents of `shape`, as the pipeline makes them; None for sin-cos models (2B)."""
-    if not pipe.transformer.config.use_rotary_positional_embeddings:
-        return None
-    s = pipe.vae_scale_factor_spatial
-    return pipe._prepare_rotary_positional_embeddings(shape[2] * s, shape[3] * s, shape[0], pipe.transformer.device)
+def model_inputs(pipe, shape, guidance):
+    """The transformer inputs fixed for a run (CogVideoX's RoPE, HunyuanVideo's embedded guidance), made once."""
+    return family_of(pipe).static_inputs(pipe, shape, guidance)
+
+
+def velocity(transformer, x, t, text, static):
+    """The transformer's prediction at x_t: v for CogVideoX, the flow velocity eps - x0 for Wan and Hunyuan."""
+    return family_of(transformer).velocity(transformer, x, t, text, static)
 
 
 # -----------------------------------------------------------------------------
@@ -223,9 +208,11 @@ def build_prompts(args, rng, device=None, log=print):
 # -----------------------------------------------------------------------------
 # 3. Encode the prompts once, then free the text encoder
 
-def concept_tokens(tokenizer, prompts, concept, length):
-    """(N, length) float: 1 at every token whose characters fall on a mention of the concept in each prompt.
+def concept_tokens(tokenizer, texts, concept, length, spans=None, crop=0):
+    """(N, length - crop) float: 1 at every token whose characters fall on a mention of the concept.
 
+    `texts` are what the tokenizer reads, `spans` the prompt's characters in each (default: all of it;
+    HunyuanVideo puts the prompt inside a chat template), `crop` the leading tokens the pipeline drops.
     Found by character offsets, the whole phrase in any case ("Nudity," starting a prompt too), so
     any tokenizer serves: word-level (the toy), or sentencepiece and BPE, whose pieces of a word in
     context can differ from the word's own. In "a red square", the word "a" elsewhere is not the concept.
@@ -236,34 +223,40 @@ def concept_tokens(tokenizer, prompts, concept, length):
         raise UserError(f"the model's tokenizer knows no word of '{concept}', so no prompt can name it; "
                         f"pick a concept in the model's vocabulary{hint}")
     try:
-        offsets = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+        offsets = tokenizer(texts, padding="max_length", max_length=length, truncation=True,
                             return_offsets_mapping=True).offset_mapping
     except NotImplementedError:
         raise UserError("the model's tokenizer gives no character offsets; save it as a fast (tokenizers) one")
-    marks = torch.zeros(len(prompts), length)
-    for row, (prompt, spans) in enumerate(zip(prompts, offsets)):
-        mentions = [m.span() for m in concept_pattern(concept).finditer(prompt)]
-        for i, (start, end) in enumerate(spans):  # special and padding tokens have empty spans
+    marks = torch.zeros(len(texts), length)
+    for row, (text, token_spans) in enumerate(zip(texts, offsets)):
+        first, last = spans[row] if spans else (0, len(text))
+        mentions = [m.span() for m in concept_pattern(concept).finditer(text, first, last)]
+        for i, (start, end) in enumerate(token_spans):  # special and padding tokens have empty spans
             if start < end and any(start < m_end and end > m_start for m_start, m_end in mentions):
                 marks[row, i] = 1
-    return marks
+    return marks[:, crop:]
+
+
+def text_encoders(pipe):
+    return [getattr(pipe, name) for name in family_of(pipe).text_encoders]
 
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts, batch=16):
-    """Text embeddings (N, L, D) at the transformer's text length, on the text encoder's device."""
-    out = [pipe.encode_prompt(prompts[i:i + batch], do_classifier_free_guidance=False,
-                              max_sequence_length=text_length(pipe), device=pipe.text_encoder.device,
-                              dtype=pipe.transformer.dtype)[0] for i in range(0, len(prompts), batch)]
-    return torch.cat(out)
+    """The prompts' text inputs to the transformer (a families.Text: embeddings (N, L, D), and HunyuanVideo's
+    mask and pooled CLIP), at the transformer's text length, on the text encoder's device."""
+    family, device = family_of(pipe), pipe.text_encoder.device
+    return Text.cat([family.encode(pipe, prompts[i:i + batch], device) for i in range(0, len(prompts), batch)])
 
 
 def encode_run_prompts(pipe, concept, prompts, anchors, preserved, device=None):
     """Step 3 for a run: where the concept's tokens sit in each prompt, and every prompt's embeddings on
-    `device` (where the text encoder goes for this, if given)."""
-    tokens = concept_tokens(pipe.tokenizer, prompts, concept, text_length(pipe))
+    `device` (where the text encoders go for this, if given)."""
+    texts, spans, length, crop = family_of(pipe).token_texts(pipe, prompts)
+    tokens = concept_tokens(pipe.tokenizer, texts, concept, length, spans, crop)
     if device is not None:
-        pipe.text_encoder.to(device)
+        for encoder in text_encoders(pipe):
+            encoder.to(device)
     embeds = dict(concept=encode_prompts(pipe, prompts), anchor=encode_prompts(pipe, anchors),
                   preserve=encode_prompts(pipe, preserved), empty=encode_prompts(pipe, [""]))
     return tokens.to(embeds["concept"].device), embeds
@@ -276,8 +269,11 @@ def free_memory():
 
 
 def free_text_encoder_and_vae(pipe):
-    """Training needs neither: the T5 encoder alone is 9 GB in bf16. They never share the GPU with it."""
-    pipe.text_encoder, pipe.vae = None, None
+    """Training needs neither: CogVideoX's T5 encoder alone is 9 GB in bf16, Wan's UMT5 11 GB, HunyuanVideo's
+    Llama 16 GB. They never share the GPU with it."""
+    for name in family_of(pipe).text_encoders:
+        setattr(pipe, name, None)
+    pipe.vae = None
     free_memory()
 
 
@@ -285,29 +281,25 @@ def free_text_encoder_and_vae(pipe):
 # 4. Make the noisy latents x_t with the model's own sampler
 
 @torch.no_grad()
-def sample_latents(transformer, scheduler, noise, cond, uncond, rotary, guidance, steps=None):
-    """Denoise from `noise` with classifier-free guidance for `steps` of the scheduler's steps.
+def sample_latents(transformer, sampler, noise, cond, uncond, static, guidance, steps=None):
+    """Denoise from `noise` for `steps` of the sampler's steps, guided as the pipeline guides (classifier-free,
+    or HunyuanVideo's embedded guidance, already in `static`).
 
-    `scheduler` steps as DDIM's does, `step(v, t, x)`: `ddim_sampler` makes one from any pipeline's.
-    Returns the latent before each step and after the last: (steps + 1, B, F', C, H', W').
+    `sampler` steps as diffusers' schedulers do, `step(v, t, x)`: `x_t_sampler` makes the family's.
+    Returns the latent before each step and after the last: (steps + 1, B, *latent shape).
     """
-    x, xs = noise, [noise]
-    for t in scheduler.timesteps[:steps]:
-        v = transformer(hidden_states=torch.cat([x, x]), encoder_hidden_states=torch.cat([uncond, cond]),
-                        timestep=t.expand(2 * len(x)), image_rotary_emb=rotary, return_dict=False)[0]
-        v_uncond, v_cond = v.float().chunk(2)
-        x = scheduler.step(v_uncond + guidance * (v_cond - v_uncond), t, x, return_dict=False)[0].to(noise.dtype)
+    family, x, xs = family_of(transformer), noise, [noise]
+    for t in sampler.timesteps[:steps]:
+        v = family.guided_velocity(transformer, x, t.expand(len(x)), cond, uncond, static, guidance)
+        x = sampler.step(v, t, x, return_dict=False)[0].to(noise.dtype)
         xs.append(x)
     return torch.stack(xs)
 
 
-def ddim_sampler(scheduler, steps, device=None):
-    """DDIM on a pipeline's own schedule, set to `steps` steps, whichever sampler the pipeline ships
-    (the DPM one's step takes other arguments): what `sample_latents` steps with."""
-    from diffusers import CogVideoXDDIMScheduler
-    ddim = CogVideoXDDIMScheduler.from_config(scheduler.config)
-    ddim.set_timesteps(steps, device=device)
-    return ddim
+def x_t_sampler(pipe, steps, device=None):
+    """The family's sampler on the pipeline's own schedule, set to `steps` steps: DDIM for CogVideoX (whichever
+    sampler the pipeline ships), Euler on the shifted flow sigmas for Wan and HunyuanVideo."""
+    return family_of(pipe).sampler(pipe.scheduler, steps, device)
 
 
 class NoisyLatents:
@@ -321,37 +313,38 @@ class NoisyLatents:
     then read at step k's timestep. It costs up to N guided passes per step.
     """
 
-    def __init__(self, kind, transformer, state, scheduler, embeds, uncond, rotary, shape, guidance, steps, gen):
-        self.scheduler = ddim_sampler(scheduler, steps, embeds.device)
-        self.kind, self.transformer, self.embeds, self.uncond, self.rotary, self.shape, self.guidance, self.gen = \
-            kind, transformer, embeds, uncond, rotary, shape, guidance, gen
+    def __init__(self, kind, transformer, state, sampler, embeds, uncond, static, shape, guidance, gen):
+        self.kind, self.transformer, self.sampler, self.embeds, self.uncond, self.static = \
+            kind, transformer, sampler, embeds, uncond, static
+        self.shape, self.guidance, self.gen = shape, guidance, gen
         self.pool = None
         if kind == "pool":  # one prompt at a time: no more GPU memory than sampling the model
             with erasers_off(state):
                 chunks = [self._sample(i[None]).cpu()
                           for i in tqdm(torch.arange(len(embeds), device=embeds.device), desc="x_t pool")]
-            self.pool = torch.cat(chunks, dim=1)  # (steps + 1, prompts, F', C, H', W'), in CPU memory
+            self.pool = torch.cat(chunks, dim=1)  # (steps + 1, prompts, *latent shape), in CPU memory
 
     def _sample(self, idx, steps=None):
         noise = torch.randn((len(idx), *self.shape), generator=self.gen, device=self.gen.device)
-        return sample_latents(self.transformer, self.scheduler, noise.to(self.embeds.dtype), self.embeds[idx],
-                              self.uncond.expand(len(idx), -1, -1), self.rotary, self.guidance, steps)
+        return sample_latents(self.transformer, self.sampler, noise.to(self.transformer.dtype), self.embeds[idx],
+                              self.uncond, self.static, self.guidance, steps)
 
     def draw(self, idx):
-        """x_t (B, F', C, H', W') and its timesteps t (B,) for the prompts `idx`: step k of their sampling."""
-        k = int(torch.randint(0, len(self.scheduler.timesteps), (1,), generator=self.gen, device=self.gen.device))
+        """x_t (B, *latent shape) and its timesteps t (B,) for the prompts `idx`: step k of their sampling."""
+        k = int(torch.randint(0, len(self.sampler.timesteps), (1,), generator=self.gen, device=self.gen.device))
         if self.kind == "pool":
             x_t = self.pool[k, idx.cpu()].to(self.embeds.device)
         else:  # the erasers are on: the model being trained samples
             x_t = self._sample(idx, k)[-1]
-        return x_t, self.scheduler.timesteps[k].expand(len(idx))
+        return x_t, self.sampler.timesteps[k].expand(len(idx))
 
 
 # -----------------------------------------------------------------------------
 # 5-7. The method's mathematics: pure tensor functions, one line each
 
 def negative_guidance_target(v_cond, v_anchor, eta):
-    # Eq. 1: v_neg = v*(x_t, anchor) - eta * (v*(x_t, c) - v*(x_t, anchor))
+    # Eq. 1: v_neg = v*(x_t, anchor) - eta * (v*(x_t, c) - v*(x_t, anchor)). Its weights sum to one, so it is
+    # the same combination whether v is CogVideoX's v-prediction or Wan's and Hunyuan's flow velocity eps - x0.
     return v_anchor - eta * (v_cond - v_anchor)
 
 
@@ -378,22 +371,22 @@ def preservation_loss(v_student_pre, v_teacher_pre):
     return F.mse_loss(v_student_pre.float(), v_teacher_pre.float())
 
 
-# 6. Concept attention: video queries against the prompt's keys, after QK-norm and RoPE.
-# Softmax over the text keys only (a cross-attention map, as Receler's masks): the full
-# joint softmax would need every video key too, 17,776 of them at 49 frames. Chunked over
-# video tokens, memory stays at (B, heads, 4096, text length) whatever the video length.
-def concept_attention(attn, video, text, rotary, tokens, chunk=4096):
-    """(B, N_video): per video token, attention to the concept tokens summed, mean over heads."""
-    q = attn.to_q(video).unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, H, N_video, d)
-    k = attn.to_k(text).unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, H, L, d)
-    if attn.norm_q is not None:
-        q, k = attn.norm_q(q), attn.norm_k(k)
-    if rotary is not None:  # RoPE acts on the video tokens only
-        from diffusers.models.embeddings import apply_rotary_emb
-        q = apply_rotary_emb(q, rotary)
+# 6. Concept attention: the block's video queries against the prompt's keys, as the block makes them
+# (families.py: after QK-norm, and RoPE where the block applies it). Softmax over the text keys only
+# (a cross-attention map, as Receler's masks; exactly Wan's attn2), padding masked where the model masks
+# it (HunyuanVideo): the full joint softmax would need every video key too, 17,776 of them at 49 frames.
+# Chunked over video tokens, memory stays at (B, heads, 4096, text length) whatever the video length.
+def concept_attention(q, k, tokens, key_mask=None, chunk=4096):
+    """(B, N_video): per video token, attention to the concept tokens summed, mean over heads.
+    q (B, H, N_video, d), k (B, H, L, d), tokens (B, L), key_mask (B, L) True where a key is read."""
     tokens = tokens.to(q.device, torch.float32)[:, None, :, None]  # (B, 1, L, 1)
-    maps = [(qc @ k.transpose(-1, -2) * attn.scale).float().softmax(-1) @ tokens
-            for qc in q.split(chunk, dim=2)]  # each (B, H, chunk, 1)
+    scale = q.shape[-1] ** -0.5
+    maps = []
+    for qc in q.split(chunk, dim=2):
+        logits = qc @ k.transpose(-1, -2) * scale  # (B, H, chunk, L)
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+        maps.append(logits.float().softmax(-1) @ tokens)  # (B, H, chunk, 1)
     return torch.cat(maps, dim=2).squeeze(-1).mean(1)
 
 
@@ -420,40 +413,44 @@ class EraserState:
 
 
 class EraserAttnProcessor(nn.Module):
-    """The stock CogVideoX attention, then h_video = Attn(h) + E(Attn(h)) on the video tokens.
+    """The stock attention of the block, then h_video = Attn(h) + E(Attn(h)) on its video output.
 
     An nn.Module, as diffusers' IP-Adapter processors are: set with `set_processor`, its eraser
     is a submodule of the transformer, so `.to()`, CPU offload, `parameters()` and `state_dict()`
-    see it. (`__call__` is defined, not `forward`, so that diffusers passes it `image_rotary_emb`.)
+    see it. (`__call__` is defined, not `forward`, so that diffusers passes it the rotary embeddings.)
     The stock processor does the attention itself, so with the erasers off the output is the
     stock output, bit for bit. Under gradient checkpointing this runs twice (forward and
     recompute): the attention maps are recorded only in the no-grad teacher pass, and the
     eraser inputs only while `record_rows` is set, during the student's forward.
     """
 
-    def __init__(self, eraser, state):
+    def __init__(self, eraser, state, family):
         super().__init__()
-        from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
-        self.stock, self.eraser, self.state = CogVideoXAttnProcessor2_0(), eraser, state
+        self.stock, self.eraser, self.state = family.stock_processor(), eraser, state
+        self.queries_and_keys = family.queries_and_keys
         self.attention = self.eraser_input = None
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
-        video, text = self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        out = self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        video = out[0] if isinstance(out, tuple) else out  # (video, text) for joint attention, video for Wan's
         s = self.state
         if s.tokens is not None:
             rows = len(s.tokens)
-            self.attention = concept_attention(attn, hidden_states[:rows], encoder_hidden_states[:rows],
-                                               image_rotary_emb, s.tokens)
+            mask = None if attention_mask is None else attention_mask[:rows]
+            q, k, key_mask = self.queries_and_keys(attn, hidden_states[:rows], encoder_hidden_states[:rows], mask,
+                                                   image_rotary_emb)
+            self.attention = concept_attention(q, k, s.tokens, key_mask)
         if s.record_rows:
             self.eraser_input = video[:s.record_rows].detach()
         if s.enabled:  # in the eraser's own dtype (fp32 while training), whatever the backbone's
             video = video + self.eraser(video.to(self.eraser.down.weight.dtype)).to(video.dtype)
-        return video, text
+        return (video, *out[1:]) if isinstance(out, tuple) else video
 
 
 def eraser_sites(transformer):
-    """(module path, attention module) of every place an eraser sits: attn1 of each block."""
-    return [(f"transformer_blocks.{i}.attn1", block.attn1) for i, block in enumerate(transformer.transformer_blocks)]
+    """(module path, attention module) of every place an eraser sits (families.py): attn1 of each CogVideoX
+    block, attn2 of each Wan block, the attention of each HunyuanVideo single-stream block."""
+    return family_of(transformer).sites(transformer)
 
 
 def attach_erasers(transformer, rank, device=None, dtype=torch.float32):
@@ -469,7 +466,7 @@ def insert_erasers(transformer, erasers):
     """Set each eraser into its block's attention processor; the backbone is frozen, the erasers train."""
     state = EraserState()
     for (_, attn), eraser in zip(eraser_sites(transformer), erasers, strict=True):
-        attn.set_processor(EraserAttnProcessor(eraser, state))
+        attn.set_processor(EraserAttnProcessor(eraser, state, family_of(transformer)))
     transformer.requires_grad_(False)
     erasers.requires_grad_(True)
     return state
@@ -495,14 +492,13 @@ def erasers_off(state):
 
 # 5. Teacher velocities: the same network with the erasers off; one batched, no-grad pass
 @torch.no_grad()
-def teacher_pass(transformer, state, x_t, t, cond, anchor, tokens, rotary, pre=None):
+def teacher_pass(transformer, state, x_t, t, cond, anchor, tokens, static, pre=None):
     """v*(x_t, c), v*(x_t, anchor), v*(x_t, c_pre) (None without `pre`) and each block's concept attention for c."""
     rows = [cond, anchor] + ([] if pre is None else [pre])  # one batch of 2 or 3 prompts per sample, one x_t
     state.tokens = tokens
     try:
         with erasers_off(state):
-            v = transformer(hidden_states=x_t.repeat(len(rows), 1, 1, 1, 1), encoder_hidden_states=torch.cat(rows),
-                            timestep=t.repeat(len(rows)), image_rotary_emb=rotary, return_dict=False)[0]
+            v = velocity(transformer, x_t.repeat(len(rows), 1, 1, 1, 1), t.repeat(len(rows)), Text.cat(rows), static)
     finally:
         state.tokens = None
     attention = []
@@ -513,12 +509,11 @@ def teacher_pass(transformer, state, x_t, t, cond, anchor, tokens, rotary, pre=N
     return v[0], v[1], v[2] if pre is not None else None, attention
 
 
-def student_pass(transformer, state, x_t, t, embeds, rotary, record=False):
-    """v'(x_t, embeds) with gradients to the erasers; `record`: keep the erasers' inputs for L_loc."""
+def student_pass(transformer, state, x_t, t, text, static, record=False):
+    """v'(x_t, text) with gradients to the erasers; `record`: keep the erasers' inputs for L_loc."""
     state.record_rows = len(x_t) if record else 0
     try:
-        return transformer(hidden_states=x_t, encoder_hidden_states=embeds, timestep=t, image_rotary_emb=rotary,
-                           return_dict=False)[0]
+        return velocity(transformer, x_t, t, text, static)
     finally:
         state.record_rows = 0
 
@@ -537,9 +532,8 @@ def localization_backward(transformer, masks, weight):
 
 
 def token_grid(transformer, shape):
-    """The video tokens' (frames, h, w) layout in the transformer's sequence."""
-    cfg, (frames, _, h, w) = transformer.config, shape
-    return frames // (cfg.patch_size_t or 1), h // cfg.patch_size, w // cfg.patch_size
+    """The video tokens' (frames, h, w) layout in the transformer's sequence, for latents of `shape`."""
+    return family_of(transformer).token_grid(transformer.config, shape)
 
 
 class Run:
@@ -557,10 +551,10 @@ def setup_training(args, pipe, embeds, tokens, log=print):
     r, device = Run(), pipe.transformer.device
     r.args, r.transformer = args, pipe.transformer
     r.cond, r.anchor = embeds["concept"].to(device), embeds["anchor"].to(device)
-    r.pre = embeds["preserve"].to(device)  # (N, L, D): each prompt's c_pre
-    resolve_size(pipe, args)
+    r.pre = embeds["preserve"].to(device)  # each prompt's c_pre
+    resolve_defaults(pipe, args)
     shape = video_shape(pipe, args.num_frames, args.height, args.width)
-    r.rotary = rotary_embeddings(pipe, shape)
+    r.static = model_inputs(pipe, shape, args.guidance)
     r.grid = token_grid(r.transformer, shape)
     torch.manual_seed(args.seed)
     r.gen = torch.Generator(device).manual_seed(args.seed)
@@ -572,8 +566,8 @@ def setup_training(args, pipe, embeds, tokens, log=print):
             "their concept masks are all ones")
 
     # 4. Make the noisy latents x_t
-    r.xt = NoisyLatents(args.xt, r.transformer, r.state, pipe.scheduler, r.cond, embeds["empty"].to(device),
-                        r.rotary, shape, args.guidance, args.xt_steps, r.gen)
+    r.xt = NoisyLatents(args.xt, r.transformer, r.state, x_t_sampler(pipe, args.xt_steps, device), r.cond,
+                        embeds["empty"].to(device), r.static, shape, args.guidance, r.gen)
 
     # 8. AdamW on the erasers alone, with gradient checkpointing of whole blocks
     r.transformer.enable_gradient_checkpointing()
@@ -593,7 +587,7 @@ def unlearning_step(r, timer=no_timer):
     with timer("teacher and masks"):
         # 5. Teacher velocities and the negatively guided target (Eq. 1)
         v_cond, v_anchor, v_pre, attention = teacher_pass(r.transformer, r.state, x_t, t, r.cond[idx],
-                                                          r.anchor[idx], r.tokens[idx], r.rotary, c_pre)
+                                                          r.anchor[idx], r.tokens[idx], r.static, c_pre)
         target = negative_guidance_target(v_cond, v_anchor, args.eta)
         # 6. Concept masks from the teacher's attention
         masks = [concept_mask(a, r.grid, args.mask_threshold, r.has_concept[idx]) for a in attention]
@@ -602,14 +596,14 @@ def unlearning_step(r, timer=no_timer):
         # 7. Losses: L = L_unlearn + alpha * L_loc + beta * L_pre, backpropagated one term at a time (the
         # gradient is the sum of the terms'), so that only one term's graph is alive at once.
         r.opt.zero_grad(set_to_none=True)
-        loss_unlearn = unlearn_loss(student_pass(r.transformer, r.state, x_t, t, r.cond[idx], r.rotary,
+        loss_unlearn = unlearn_loss(student_pass(r.transformer, r.state, x_t, t, r.cond[idx], r.static,
                                                  record=use_loc), target)
         loss_unlearn.backward()
         del target
         loss_loc = localization_backward(r.transformer, masks, args.loc_weight) if use_loc else torch.zeros(())
         loss_pre = torch.zeros(())
         if use_pre:
-            loss_pre = preservation_loss(student_pass(r.transformer, r.state, x_t, t, c_pre, r.rotary), v_pre)
+            loss_pre = preservation_loss(student_pass(r.transformer, r.state, x_t, t, c_pre, r.static), v_pre)
             (args.pres_weight * loss_pre).backward()
     with timer("optimizer"):
         r.opt.step()
@@ -698,7 +692,7 @@ def main(argv=None):
 
     # 1. Load the pipeline, into CPU memory: each part goes to the GPU only while it works
     pipe = load_base_pipeline(args.model, device, args.dtype, move=False)
-    resolve_size(pipe, args)
+    resolve_defaults(pipe, args)
     print(f"# 1. Loaded {args.model} ({pipe.transformer.dtype}) for {device}; "
           f"videos of {args.num_frames} frames at {args.height}x{args.width}")
 
