@@ -496,6 +496,147 @@ def test_concept_attention_is_chunked_without_changing_it():
     assert torch.allclose(whole, probs[..., 3:5].sum(-1).mean(1), atol=1e-6)
 
 
+def stock_velocity(pipe, x, t, prompts, guidance=6.0):
+    """The transformer's prediction as each stock pipeline calls it in its denoising loop (diffusers 0.42)."""
+    family = type(pipe).__name__
+    if family == "HunyuanVideoPipeline":  # the embedded guidance, true CFG off
+        embeds, pooled, mask = pipe.encode_prompt(prompts, device="cpu", dtype=torch.float32)
+        return pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds, encoder_attention_mask=mask,
+                                pooled_projections=pooled, guidance=torch.tensor([guidance] * len(x)) * 1000.0,
+                                return_dict=False)[0]
+    length = 512 if family == "WanPipeline" else pipe.transformer.config.max_text_seq_length
+    embeds = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=length,
+                                device="cpu")[0]
+    if family == "WanPipeline":
+        if pipe.config.expand_timesteps:  # as WanPipeline: the first latent channel's mask, a timestep per token
+            t = torch.stack([(torch.ones(x.shape[2:])[:, ::2, ::2] * ti).flatten() for ti in t])
+        return pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds, return_dict=False)[0]
+    rotary = None
+    if pipe.transformer.config.use_rotary_positional_embeddings:
+        rotary = pipe._prepare_rotary_positional_embeddings(x.shape[3] * 8, x.shape[4] * 8, x.shape[1], "cpu")
+    return pipe.transformer(hidden_states=x, encoder_hidden_states=embeds, timestep=t, image_rotary_emb=rotary,
+                            return_dict=False)[0]
+
+
+def test_teacher_velocities_are_the_stock_pipelines_and_the_target_is_eq1(tiny_dir):
+    pipe = unlearn.load_base_pipeline(tiny_dir, "cpu")
+    x, t, _, static = transformer_inputs(pipe, batch=1)
+    prompts = ["a red square moving left", "a square moving left", "a blue square moving left"]
+    text = unlearn.encode_prompts(pipe, prompts)
+    _, state = unlearn.attach_erasers(pipe.transformer, 4)
+    tokens = torch.zeros(1, text.inputs["encoder_hidden_states"].shape[1])
+    with torch.no_grad():
+        v_cond, v_anchor, v_pre, _ = unlearn.teacher_pass(pipe.transformer, state, x, t, text[:1], text[1:2], tokens,
+                                                          static, text[2:])
+        stock = [stock_velocity(pipe, x, t, [p]) for p in prompts]
+    for ours, theirs in zip((v_cond, v_anchor, v_pre), stock):
+        assert torch.allclose(ours, theirs, atol=1e-5)
+    eta = 3.0  # Eq. 1 written out, at the family's own velocity (v, or the flow velocity eps - x0)
+    assert torch.allclose(unlearn.negative_guidance_target(v_cond, v_anchor, eta),
+                          stock[1] - eta * (stock[0] - stock[1]), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["wan-2.1-like", "hunyuan-like"])
+def test_flow_x_t_sampler_is_euler_on_the_pipelines_own_schedule(kind):
+    import copy
+    pipe = FAMILY_TINY[kind]()
+    sampler = unlearn.x_t_sampler(pipe, 6)
+    stock = copy.deepcopy(pipe.scheduler)  # set as the stock pipeline sets it
+    if kind == "hunyuan-like":
+        stock.set_timesteps(sigmas=np.linspace(1.0, 0.0, 7)[:-1])
+    else:
+        stock.set_timesteps(6)
+    assert torch.equal(sampler.timesteps, stock.timesteps) and sampler.sigmas[-1] == 0
+    assert torch.allclose(sampler.sigmas, stock.sigmas.float())
+    x, v = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 4, 3, 8, 8)
+    for i, t in enumerate(sampler.timesteps):  # x <- x + (sigma_next - sigma) v, v = eps - x0
+        expected = x + (stock.sigmas[i + 1] - stock.sigmas[i]).float() * v
+        if kind == "hunyuan-like":  # the very step its pipeline takes
+            assert torch.allclose(stock.step(v, t, x, return_dict=False)[0], expected, atol=1e-6)
+        x = sampler.step(v, t, x)[0]
+        assert torch.allclose(x, expected, atol=1e-6)
+
+
+def test_hunyuans_concept_tokens_are_found_inside_its_prompt_template():
+    pipe = tiny_hunyuan()
+    texts, spans, length, crop = unlearn.family_of(pipe).token_texts(pipe, ["a red square", "Red: a red box"])
+    assert crop == 95 and length == 256 + 95 and all(t[s:e] in ("a red square", "Red: a red box")
+                                                     for t, (s, e) in zip(texts, spans))
+    marks = unlearn.concept_tokens(pipe.tokenizer, texts, "red", length, spans, crop)
+    ids = pipe.tokenizer(texts, padding="max_length", max_length=length, truncation=True).input_ids
+    read = [pipe.tokenizer.convert_ids_to_tokens(row[crop:]) for row in ids]  # what the transformer reads
+    assert [[row[i] for i in m.nonzero().flatten()] for row, m in zip(read, marks)] == [["red"], ["<unk>", "red"]]
+    assert marks.shape == (2, 256)  # "Red" is not in the word list: <unk>, found by its characters
+
+
+def test_pipelines_the_steps_cannot_serve_get_one_line(tmp_path):
+    from diffusers import WanPipeline
+    wan = tiny_wan()
+    two = WanPipeline(tokenizer=wan.tokenizer, text_encoder=wan.text_encoder, vae=wan.vae, scheduler=wan.scheduler,
+                      transformer=wan.transformer, transformer_2=tiny_wan().transformer, boundary_ratio=0.875)
+    cases = {"a14b": (two, "two transformers"), "i2v": (tiny_wan(image_dim=16, added_kv_proj_dim=32),
+                                                          "image-to-video")}
+    for name, (pipe, says) in cases.items():
+        pipe.save_pretrained(tmp_path / name)
+        result = run("unlearn.py", "--model", str(tmp_path / name), "--concept", "red", "--output-dir",
+                     str(tmp_path / "e"))
+        assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert not os.path.exists(tmp_path / "e")
+
+
+def text_sensitive(pipe, qk_gain=3.0):
+    """A random transformer whose output hangs on the prompt's words, as a trained one's does: Linear weights
+    of unit gain, and attention as peaked as trained QK-norms make it (their weights `qk_gain`)."""
+    for name, module in pipe.transformer.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=module.in_features ** -0.5)
+        elif name.endswith(("norm_q", "norm_k")) and getattr(module, "weight", None) is not None:
+            torch.nn.init.constant_(module.weight, qk_gain)
+    return pipe
+
+
+@pytest.mark.parametrize("kind", ["wan-2.1-like", "hunyuan-like"])
+def test_training_erases_on_held_out_x_t_and_moves_other_prompts_much_less(kind, tmp_path):
+    """Measured (2 cores, about 15 s each): after 150 steps the erasing loss on held-out x_t is 0.72 of its
+    step-0 value for Wan and 0.83 for HunyuanVideo, and the concept prompt's velocity moves 16x (Wan) and
+    5.5x (Hunyuan) as far as the same prompt with a kept colour in its place; the thresholds leave room for
+    another machine's round-off. (CogVideoX: the toy's erasure tests below.)"""
+    pipe = text_sensitive(FAMILY_TINY[kind]())
+    prompts = tmp_path / "red.txt"
+    rng = random.Random(0)
+    prompts.write_text("\n".join(toy.make_prompt(rng, toy.random_scene(rng, colours=["red"])) for _ in range(8)))
+    args = unlearn.parse_args(["--model", kind, "--concept", "red", "--no-augment", "--prompts-file", str(prompts),
+                               "--preserve", "blue", "--preserve", "green", "--pres-weight", "5", "--steps", "150",
+                               "--lr", "3e-2", "--rank", "8", "--xt-steps", "10", *SIZE])
+    c, anchors, c_pre = unlearn.build_prompts(args, random.Random(0), log=lambda *_: None)
+    tokens, embeds = unlearn.encode_run_prompts(pipe, "red", c, anchors, c_pre)
+    r = unlearn.setup_training(args, pipe, embeds, tokens, log=lambda *_: None)
+    sampler = unlearn.x_t_sampler(pipe, 10)  # held out: the frozen model's trajectories from other noise
+    noise = torch.randn(len(c), *unlearn.video_shape(pipe, 9, 64, 64), generator=torch.Generator().manual_seed(123))
+    with unlearn.erasers_off(r.state):
+        xs = unlearn.sample_latents(pipe.transformer, sampler, noise, r.cond, embeds["empty"], r.static, args.guidance)
+
+    @torch.no_grad()
+    def measure():  # erasing loss, and how far v' moved from v*, for c and for c_pre
+        out = []
+        for k in (1, 3, 5, 7):
+            x, t = xs[k], sampler.timesteps[k].expand(len(c))
+            with unlearn.erasers_off(r.state):
+                v_c, v_a, v_p = (unlearn.velocity(pipe.transformer, x, t, e, r.static) for e in (r.cond, r.anchor, r.pre))
+            s_c, s_p = (unlearn.velocity(pipe.transformer, x, t, e, r.static) for e in (r.cond, r.pre))
+            target = unlearn.negative_guidance_target(v_c, v_a, args.eta)
+            out.append([unlearn.unlearn_loss(s_c, target).item(), (s_c - v_c).pow(2).mean().item(),
+                        (s_p - v_p).pow(2).mean().item()])
+        return np.mean(out, axis=0)
+    before = measure()
+    for _ in range(args.steps):
+        unlearn.unlearning_step(r)
+    after = measure()
+    print(kind, before, after)
+    assert after[0] < 0.9 * before[0]
+    assert after[1] > 4 * after[2]
+
+
 def small_args(model, out, *extra):
     return unlearn.parse_args(["--model", model, "--concept", "red", "--output-dir", str(out), "--steps", "2",
                                "--num-prompts", "4", "--xt-steps", "3", "--rank", "8", *SIZE, *extra])
