@@ -1,8 +1,10 @@
 """bench.py: what one unlearning step costs, against its floor, and what memory it needs.
 
-    python bench.py             # CPU: a random CogVideoX at a long video sequence, about 8 minutes on 2 cores
-    python bench.py --gpu       # one GPU: CogVideoX-2B, 5B and 1.5 shapes, random weights, bf16 (< 8 minutes)
-    python bench.py --tiny      # the smallest size, to keep this script working (the tests run it)
+    python bench.py                  # CPU: a random CogVideoX at a long video sequence, about 8 minutes on 2 cores
+    python bench.py --family wan     # the same for Wan (or hunyuan): each family has its tiny and CPU size
+    python bench.py --gpu            # one GPU: CogVideoX-2B, 5B, 1.5, Wan 2.1 1.3B and HunyuanVideo shapes,
+                                     # random weights, bf16 (estimated under 8 minutes; not yet run)
+    python bench.py --tiny           # the smallest size, to keep this script working (the tests run it)
 
 The floor (a) is the student's forward and backward over exactly the latents and prompts
 one unlearning step trains on (concept and preservation rows), with the same gradient
@@ -30,58 +32,97 @@ import subprocess
 import sys
 import time
 
+import diffusers
 import torch
-from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 
 import unlearn
 
 COGVIDEOX_5B = dict(num_attention_heads=48, attention_head_dim=64, num_layers=42, text_embed_dim=4096,
                     time_embed_dim=512, use_rotary_positional_embeddings=True, sample_height=60, sample_width=90,
                     sample_frames=49)
-SIZES = {  # name: transformer config (its sample size is the video size it resolves to)
-    "tiny": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, text_embed_dim=32, time_embed_dim=32,
-                 sample_height=8, sample_width=8, sample_frames=9),
+WAN_1_3B = dict(num_attention_heads=12, attention_head_dim=128, num_layers=30, ffn_dim=8960, text_dim=4096,
+                in_channels=16, out_channels=16)
+SIZES = {  # name: (family, transformer config); CogVideoX's sample size is the video size it resolves to
+    "tiny": ("cogvideox", dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, text_embed_dim=32, time_embed_dim=32,
+                 sample_height=8, sample_width=8, sample_frames=9)),
     # run at 33 frames of 256x256: a long video sequence (9 latent frames of 16x16 tokens, 2,304 video
     # tokens) through the 2B's 30 blocks at a narrow width, so that activations, not weights, fill the
     # memory, as on a GPU at 49 frames
-    "cpu": dict(num_attention_heads=4, attention_head_dim=64, num_layers=30, text_embed_dim=256, time_embed_dim=128,
-                sample_height=32, sample_width=32, sample_frames=33),
-    "2b": dict(num_attention_heads=30, attention_head_dim=64, num_layers=30, text_embed_dim=4096, time_embed_dim=512,
-               sample_height=60, sample_width=90, sample_frames=49),
-    "5b": COGVIDEOX_5B,
+    "cpu": ("cogvideox", dict(num_attention_heads=4, attention_head_dim=64, num_layers=30, text_embed_dim=256,
+                              time_embed_dim=128, sample_height=32, sample_width=32, sample_frames=33)),
+    "2b": ("cogvideox", dict(num_attention_heads=30, attention_head_dim=64, num_layers=30, text_embed_dim=4096,
+                             time_embed_dim=512, sample_height=60, sample_width=90, sample_frames=49)),
+    "5b": ("cogvideox", COGVIDEOX_5B),
     # CogVideoX 1.5: the 5B's width with a temporal patch; its config's sample size is its RoPE grid's bound
-    "1.5": dict(COGVIDEOX_5B, patch_size_t=2, patch_bias=False, sample_height=300, sample_width=300,
-                sample_frames=81),
+    "1.5": ("cogvideox", dict(COGVIDEOX_5B, patch_size_t=2, patch_bias=False, sample_height=300, sample_width=300,
+                              sample_frames=81)),
+    "wan-tiny": ("wan", dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, ffn_dim=32, text_dim=32,
+                             freq_dim=16, in_channels=4, out_channels=4)),
+    # Wan and HunyuanVideo at the CPU size: CogVideoX's long sequence (33 frames at 256x256, 2,304 video
+    # tokens) at 4x64 heads; Wan's 30 blocks, HunyuanVideo's 20 + 40 blocks cut to 6 + 12
+    "wan-cpu": ("wan", dict(num_attention_heads=4, attention_head_dim=64, num_layers=30, ffn_dim=512, text_dim=256,
+                            freq_dim=64)),
+    "wan-1.3b": ("wan", WAN_1_3B),
+    "hunyuan-tiny": ("hunyuan", dict(num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=2,
+                                     num_refiner_layers=1, text_embed_dim=32, pooled_projection_dim=16,
+                                     rope_axes_dim=(4, 6, 6), in_channels=4, out_channels=4)),
+    "hunyuan-cpu": ("hunyuan", dict(num_attention_heads=4, attention_head_dim=64, num_layers=6, num_single_layers=12,
+                                    num_refiner_layers=1, text_embed_dim=256, pooled_projection_dim=64,
+                                    rope_axes_dim=(16, 24, 24))),
+    "hunyuan": ("hunyuan", {}),  # diffusers' defaults are HunyuanVideo's: 20 + 40 blocks, 24 x 128 heads
 }
-GPU_RUNS = [("2b", 17), ("2b", 49), ("5b", 17), ("5b", 49), ("1.5", None)]  # None: unlearn.py's default
+FAMILIES = {  # family: pipeline, transformer, its scheduler as shipped, the config key of its text width
+    "cogvideox": ("CogVideoXPipeline", "CogVideoXTransformer3DModel", lambda cfg: diffusers.CogVideoXDDIMScheduler(
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=False,
+        snr_shift_scale=1.0 if cfg.use_rotary_positional_embeddings else 3.0), "text_embed_dim"),
+    "wan": ("WanPipeline", "WanTransformer3DModel", lambda cfg: diffusers.UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0), "text_dim"),
+    "hunyuan": ("HunyuanVideoPipeline", "HunyuanVideoTransformer3DModel",
+                lambda cfg: diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0), "text_embed_dim"),
+}
+CPU_RUNS = {"cogvideox": ("cpu", 33, None), "wan": ("wan-cpu", 33, "256x256"), "hunyuan": ("hunyuan-cpu", 33, "256x256")}
+TINY_RUNS = {"cogvideox": ("tiny", 0, None), "wan": ("wan-tiny", 9, "64x64"), "hunyuan": ("hunyuan-tiny", 9, "64x64")}
+GPU_RUNS = [("2b", 17, None), ("2b", 49, None), ("5b", 17, None), ("5b", 49, None), ("1.5", 0, None),
+            ("wan-1.3b", 33, "480x832"), ("wan-1.3b", 81, "480x832"), ("hunyuan", 33, "544x960")]  # 0: the default
 
 
 def random_pipeline(size, device, dtype):
-    """A CogVideoX pipeline of random weights, with no text encoder and no VAE (not needed to train)."""
+    """A pipeline of random weights, with no text encoder and no VAE (not needed to train)."""
+    family, config = SIZES[size]
+    pipeline, transformer_class, scheduler, _ = FAMILIES[family]
     torch.manual_seed(0)
     with torch.device(device):
-        transformer = CogVideoXTransformer3DModel(**SIZES[size]).to(dtype)
-    scheduler = CogVideoXDDIMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True,
-                                       timestep_spacing="trailing", clip_sample=False,
-                                       snr_shift_scale=1.0 if transformer.config.use_rotary_positional_embeddings
-                                       else 3.0)
-    return CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
-                             scheduler=scheduler)
+        transformer = getattr(diffusers, transformer_class)(**config).to(dtype)
+    parts = dict(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                 scheduler=scheduler(transformer.config))
+    if family == "hunyuan":
+        parts.update(tokenizer_2=None, text_encoder_2=None)
+    return getattr(diffusers, pipeline)(**parts)
 
 
-def random_embeds(pipe, prompts=2):
+def random_embeds(pipe, size, prompts=2):
+    """Random text inputs of the family's shapes (HunyuanVideo's: 40 tokens of its 256 read, the rest padding)."""
     g = torch.Generator().manual_seed(0)
-    cfg, dev, dtype = pipe.transformer.config, pipe.transformer.device, pipe.transformer.dtype
-    make = lambda n: torch.randn(n, cfg.max_text_seq_length, cfg.text_embed_dim, generator=g).to(dev, dtype)  # noqa
-    tokens = torch.zeros(prompts, cfg.max_text_seq_length, device=dev)
+    family = SIZES[size][0]
+    cfg, dev, dtype, length = pipe.transformer.config, pipe.transformer.device, pipe.transformer.dtype, \
+        unlearn.text_length(pipe)
+
+    def make(n):
+        inputs = dict(encoder_hidden_states=torch.randn(n, length, cfg[FAMILIES[family][3]], generator=g))
+        if family == "hunyuan":
+            inputs.update(encoder_attention_mask=(torch.arange(length) < 40).long().expand(n, -1),
+                          pooled_projections=torch.randn(n, cfg.pooled_projection_dim, generator=g))
+        return unlearn.Text(**{k: v.to(dev, dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()})
+    tokens = torch.zeros(prompts, length, device=dev)
     tokens[:, 4:6] = 1  # the concept's two tokens
     return dict(concept=make(prompts), anchor=make(prompts), preserve=make(prompts), empty=make(1)), tokens
 
 
-def settings(pipe, frames, extra):
+def settings(pipe, frames, pixels, extra):
     args = unlearn.parse_args(["--concept", "bench", "--model", "random", "--xt-steps", "2", *extra]
-                              + (["--num-frames", str(frames)] if frames else []))
-    unlearn.resolve_size(pipe, args)
+                              + (["--num-frames", str(frames)] if frames else [])
+                              + (["--height", pixels.split("x")[0], "--width", pixels.split("x")[1]] if pixels else []))
+    unlearn.resolve_defaults(pipe, args)
     return args
 
 
@@ -112,12 +153,12 @@ def peak_memory(device):
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-def measure(size, frames, device, phase, repeats, extra):
+def measure(size, frames, pixels, device, phase, repeats, extra):
     """One phase in this process: 'time' (interleaved floor and step) or 'sample' (one guided denoising step)."""
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     pipe = random_pipeline(size, device, dtype)
-    embeds, tokens = random_embeds(pipe)
-    args = settings(pipe, frames, extra)
+    embeds, tokens = random_embeds(pipe, size)
+    args = settings(pipe, frames, pixels, extra)
     shape = unlearn.video_shape(pipe, args.num_frames, args.height, args.width)
     size_info = {"frames": args.num_frames, "height": args.height, "width": args.width,
                  "video_tokens": math.prod(unlearn.token_grid(pipe.transformer, shape))}
@@ -126,9 +167,8 @@ def measure(size, frames, device, phase, repeats, extra):
     reset_peak(device)
     if phase == "sample":  # one guided denoising step, as the pipeline does it
         noise = torch.randn(1, *shape, device=device, dtype=dtype)
-        unlearn.sample_latents(pipe.transformer, unlearn.ddim_sampler(pipe.scheduler, 2, device), noise,
-                               embeds["concept"][:1], embeds["empty"], unlearn.rotary_embeddings(pipe, shape), 6.0,
-                               steps=1)
+        unlearn.sample_latents(pipe.transformer, unlearn.x_t_sampler(pipe, 2, device), noise, embeds["concept"][:1],
+                               embeds["empty"], unlearn.model_inputs(pipe, shape, args.guidance), args.guidance, steps=1)
         sync(device)
         return dict(size_info, peak=peak_memory(device), weights=weights)
 
@@ -148,7 +188,7 @@ def measure(size, frames, device, phase, repeats, extra):
 
     def floor():  # backpropagated as the step does: the concept's rows, then the preservation rows
         for embeds in (r.cond[idx], r.pre[idx]):
-            unlearn.student_pass(r.transformer, r.state, x_t, t, embeds, r.rotary).float().pow(2).mean().backward()
+            unlearn.student_pass(r.transformer, r.state, x_t, t, embeds, r.static).float().pow(2).mean().backward()
         r.opt.zero_grad(set_to_none=True)
 
     for i in range(repeats + 1):  # the first round warms up and is not counted
@@ -198,15 +238,19 @@ def report(label, timing, sampling, gpu):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpu", action="store_true", help="CogVideoX-2B (17, 49 frames), 5B (17, 49) and 1.5 on cuda")
+    p.add_argument("--gpu", action="store_true", help="on cuda: CogVideoX-2B (17, 49 frames), 5B (17, 49), 1.5, "
+                                                      "Wan 2.1 1.3B (33, 81 frames at 480x832), HunyuanVideo "
+                                                      "(33 frames at 544x960)")
+    p.add_argument("--family", choices=list(FAMILIES), default="cogvideox", help="the family for the CPU and "
+                                                                                  "tiny sizes (default cogvideox)")
     p.add_argument("--tiny", action="store_true", help="the smallest size (seconds)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds of (a) and (b) (default 3; 2 on a GPU)")
-    p.add_argument("--phase", nargs=4, metavar=("SIZE", "FRAMES", "DEVICE", "PHASE"), help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds of (a) and (b) (default 3; 1 on a GPU)")
+    p.add_argument("--phase", nargs=5, metavar=("SIZE", "FRAMES", "PIXELS", "DEVICE", "PHASE"), help=argparse.SUPPRESS)
     args, extra = p.parse_known_args()  # anything else goes to unlearn.py's settings, e.g. --xt sample
-    repeats = args.repeats or (2 if args.gpu else 3)
+    repeats = args.repeats or (1 if args.gpu else 3)
     if args.phase:
-        size, frames, device, phase = args.phase
-        print(json.dumps(measure(size, int(frames), device, phase, repeats, extra)))
+        size, frames, pixels, device, phase = args.phase
+        print(json.dumps(measure(size, int(frames), None if pixels == "-" else pixels, device, phase, repeats, extra)))
         return
     if args.gpu:
         if not torch.cuda.is_available():
@@ -214,13 +258,13 @@ def main():
             sys.exit(2)
         runs = GPU_RUNS
     else:
-        runs = [("tiny", None)] if args.tiny else [("cpu", 33)]
+        runs = [(TINY_RUNS if args.tiny else CPU_RUNS)[args.family]]
     device = "cuda" if args.gpu else "cpu"
     line = ""
-    for size, frames in runs:
-        frames = str(frames or 0)  # 0: the default
-        timing = in_child(size, frames, device, "time", "--repeats", str(repeats), *extra)
-        sampling = in_child(size, frames, device, "sample", *extra)
+    for size, frames, pixels in runs:
+        where = (size, str(frames), pixels or "-")
+        timing = in_child(*where, device, "time", "--repeats", str(repeats), *extra)
+        sampling = in_child(*where, device, "sample", *extra)
         line = report(f"{size} model on {device} {' '.join(extra)}".strip(), timing, sampling, args.gpu)
         print(f"  {line}", flush=True)
     print(line)

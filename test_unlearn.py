@@ -1119,8 +1119,9 @@ def test_damaged_eraser_file_gives_a_clear_error(red_eraser, tmp_path, damage):
     assert result.returncode == 2 and "cannot read the eraser" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_bench_runs_at_its_smallest_size():
-    result = run("bench.py", "--tiny", "--repeats", "1")
+@pytest.mark.parametrize("family", ["cogvideox", "wan", "hunyuan"])
+def test_bench_runs_at_its_smallest_size(family):
+    result = run("bench.py", "--tiny", "--repeats", "1", "--family", family)
     assert result.returncode == 0, result.stderr[-2000:]
     last = result.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"step_cost_ratio=\d+\.\d+ x_t_share=\d+\.\d+ memory_ratio=\d+\.\d+", last), last
