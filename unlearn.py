@@ -1,4 +1,4 @@
-"""unlearn.py: T2VUnlearning (Ye et al. 2025, arXiv 2505.17550) for CogVideoX, in one file.
+"""unlearn.py: T2VUnlearning (Ye et al. 2025, arXiv 2505.17550) for text-to-video diffusers pipelines.
 
 Erase a concept from a text-to-video model by training a small eraser in every attention
 block, so that the model stops drawing it, however the prompt words it, and draws
@@ -7,6 +7,8 @@ everything else as before.
     python unlearn.py --model toy --concept red      # the toy model, under a minute on a CPU
     python unlearn.py --concept "nudity"             # CogVideoX-2B on one GPU
     python unlearn.py --model THUDM/CogVideoX-5b --concept "nudity"
+    python unlearn.py --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --concept "nudity"
+    python unlearn.py --model hunyuanvideo-community/HunyuanVideo --concept "nudity"
 
 The steps, in the order they run (the README and notebook.ipynb use the same numbers):
   1. Load the pipeline            5. Teacher velocities and the negatively guided target
@@ -15,7 +17,8 @@ The steps, in the order they run (the README and notebook.ipynb use the same num
   4. Make the noisy latents x_t   8. Erasers and the training loop
                                   9. Save the eraser
 On a GPU each part of the pipeline is there only while it works: the refiner (step 2), then
-the text encoder (step 3), then the transformer alone (steps 4-8).
+the text encoder (step 3), then the transformer alone (steps 4-8). The steps are the same for
+CogVideoX, Wan and HunyuanVideo; what differs between them is in families.py.
 """
 
 import argparse
@@ -85,9 +88,11 @@ def build_parser():
                         "length reported for the authors' training, chosen as what fits one GPU; bench.py --gpu "
                         "measures it; the erasers act per token, so they apply to videos of any length)")
     g.add_argument("--height", type=int, default=None,
-                   help="video height in px (default: what the model was made for: 480 for 2B and 5B, 768 for 1.5)")
+                   help="video height in px (default the model's own: 480 for CogVideoX 2B/5B and Wan, 768 for 1.5, "
+                        "720 for HunyuanVideo)")
     g.add_argument("--width", type=int, default=None,
-                   help="video width in px (default: what the model was made for: 720 for 2B and 5B, 1360 for 1.5)")
+                   help="video width in px (default the model's own: 720 for CogVideoX 2B/5B, 1360 for 1.5, 832 for "
+                        "Wan, 1280 for HunyuanVideo)")
     g.add_argument("--seed", type=int, default=0, help="makes a run repeatable on the same machine")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if there is one)")
     g.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
