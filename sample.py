@@ -307,6 +307,9 @@ def build_parser():
     p.add_argument("--out", default=None, help="video file (one prompt) or folder (default outputs/...)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    p.add_argument("--num-frames", type=int, default=None, help="video frames (default: the model's own)")
+    p.add_argument("--height", type=int, default=None, help="video height in px (default: the model's own)")
+    p.add_argument("--width", type=int, default=None, help="video width in px (default: the model's own)")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale (default the pipeline's: 6 for CogVideoX and HunyuanVideo, 5 for Wan)")
     p.add_argument("--eval", default=None, help="'toy' (the toy judge) or 'nudity' (NudeNet, as the paper)")
@@ -361,15 +364,15 @@ def main(argv=None):
     if args.compare or args.eval:
         runs = [("original", False, None)] + ([("negative prompt", False, negative)] if args.eval else []) + runs
     index, videos = [], {name: [] for name, _, _ in runs}
+    call = {k: v for k, v in dict(guidance_scale=args.guidance, num_frames=args.num_frames, height=args.height,
+                                  width=args.width).items() if v is not None}  # else the model's own
     from tqdm.auto import tqdm
     for i, (prompt, seed) in enumerate(tqdm(jobs, desc="videos", disable=single)):
         made = {}
         for name, erasers_on, neg in runs:
             if args.eraser:
                 set_erasers(pipe.transformer, erasers_on)
-            guidance = {} if args.guidance is None else {"guidance_scale": args.guidance}
-            made[name] = generate(pipe, [prompt], seed, args.steps, **guidance,
-                                  **family_of(pipe).negative_prompt(neg))[0]
+            made[name] = generate(pipe, [prompt], seed, args.steps, **call, **family_of(pipe).negative_prompt(neg))[0]
             videos[name].append((prompt, made[name]))
         names = [n for n, _, _ in runs if n != "negative prompt"]
         video = side_by_side([made[n] for n in names], names) if len(names) > 1 else made[names[0]]

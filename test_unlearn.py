@@ -637,6 +637,21 @@ def test_training_erases_on_held_out_x_t_and_moves_other_prompts_much_less(kind,
     assert after[1] > 4 * after[2]
 
 
+@pytest.mark.parametrize("kind", list(FAMILY_TINY))
+def test_sample_compare_and_eval_on_every_family(kind, tmp_path):
+    model, eraser, out = tmp_path / "model", tmp_path / "eraser", tmp_path / "videos"
+    FAMILY_TINY[kind]().save_pretrained(model)
+    unlearn.main(["--model", str(model), "--concept", "red", "--output-dir", str(eraser), "--steps", "1",
+                  "--num-prompts", "2", "--xt-steps", "2", "--rank", "4", *SIZE])
+    import sample
+    summary = sample.main(["--model", str(model), "--eraser", str(eraser), "--prompt", "a red square moving left",
+                           "--eval", "toy", "--steps", "2", "--out", str(out), *SIZE])
+    assert set(summary["results"]) == {"original", "negative prompt", "erased"}
+    index = json.load(open(out / "index.json"))
+    assert index[0]["panels"] == ["original", "erased"]
+    assert sample.read_video(str(out / index[0]["video"])).shape[:3] == (9, 16 + 64, 128)  # two halves, labelled
+
+
 def small_args(model, out, *extra):
     return unlearn.parse_args(["--model", model, "--concept", "red", "--output-dir", str(out), "--steps", "2",
                                "--num-prompts", "4", "--xt-steps", "3", "--rank", "8", *SIZE, *extra])
