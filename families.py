@@ -55,6 +55,10 @@ class Text:
     def device(self):
         return self.inputs["encoder_hidden_states"].device
 
+    @property
+    def shape(self):  # the embeddings' (N, L, D)
+        return self.inputs["encoder_hidden_states"].shape
+
 
 def call_default(pipe, name):
     """The pipeline's own default for a call argument (its video size, its text length)."""
