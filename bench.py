@@ -43,8 +43,8 @@ COGVIDEOX_5B = dict(num_attention_heads=48, attention_head_dim=64, num_layers=42
 WAN_1_3B = dict(num_attention_heads=12, attention_head_dim=128, num_layers=30, ffn_dim=8960, text_dim=4096,
                 in_channels=16, out_channels=16)
 SIZES = {  # name: (family, transformer config); CogVideoX's sample size is the video size it resolves to
-    "tiny": ("cogvideox", dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, text_embed_dim=32, time_embed_dim=32,
-                 sample_height=8, sample_width=8, sample_frames=9)),
+    "tiny": ("cogvideox", dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, text_embed_dim=32,
+                               time_embed_dim=32, sample_height=8, sample_width=8, sample_frames=9)),
     # run at 33 frames of 256x256: a long video sequence (9 latent frames of 16x16 tokens, 2,304 video
     # tokens) through the 2B's 30 blocks at a narrow width, so that activations, not weights, fill the
     # memory, as on a GPU at 49 frames
@@ -80,7 +80,8 @@ FAMILIES = {  # family: pipeline, transformer, its scheduler as shipped, the con
     "hunyuan": ("HunyuanVideoPipeline", "HunyuanVideoTransformer3DModel",
                 lambda cfg: diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0), "text_embed_dim"),
 }
-CPU_RUNS = {"cogvideox": ("cpu", 33, None), "wan": ("wan-cpu", 33, "256x256"), "hunyuan": ("hunyuan-cpu", 33, "256x256")}
+CPU_RUNS = {"cogvideox": ("cpu", 33, None), "wan": ("wan-cpu", 33, "256x256"),
+            "hunyuan": ("hunyuan-cpu", 33, "256x256")}
 TINY_RUNS = {"cogvideox": ("tiny", 0, None), "wan": ("wan-tiny", 9, "64x64"), "hunyuan": ("hunyuan-tiny", 9, "64x64")}
 GPU_RUNS = [("2b", 17, None), ("2b", 49, None), ("5b", 17, None), ("5b", 49, None), ("1.5", 0, None),
             ("wan-1.3b", 33, "480x832"), ("wan-1.3b", 81, "480x832"), ("hunyuan", 33, "544x960")]  # 0: the default
@@ -167,8 +168,9 @@ def measure(size, frames, pixels, device, phase, repeats, extra):
     reset_peak(device)
     if phase == "sample":  # one guided denoising step, as the pipeline does it
         noise = torch.randn(1, *shape, device=device, dtype=dtype)
+        static = unlearn.model_inputs(pipe, shape, args.guidance)
         unlearn.sample_latents(pipe.transformer, unlearn.x_t_sampler(pipe, 2, device), noise, embeds["concept"][:1],
-                               embeds["empty"], unlearn.model_inputs(pipe, shape, args.guidance), args.guidance, steps=1)
+                               embeds["empty"], static, args.guidance, steps=1)
         sync(device)
         return dict(size_info, peak=peak_memory(device), weights=weights)
 

@@ -148,7 +148,6 @@ class CogVideoX(Family):
     """CogVideoX 2B, 5B and 1.5: v-prediction; text and video share attn1, text first; the eraser acts on
     attn1's video output after to_out, before the block's gated residual (the authors' place)."""
     pipeline, transformer = "CogVideoXPipeline", "CogVideoXTransformer3DModel"
-    predicts = "v (v-prediction)"
 
     def text_widths(self, pipe):
         encoder = getattr(pipe.text_encoder.config, "d_model", None) if pipe.text_encoder is not None else None
@@ -175,8 +174,8 @@ class CogVideoX(Family):
         return frames // (config.patch_size_t or 1), h // config.patch_size, w // config.patch_size
 
     def encode(self, pipe, prompts, device):
-        embeds = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=self.text_length(pipe),
-                                    device=device, dtype=pipe.transformer.dtype)[0]
+        embeds = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
+                                    max_sequence_length=self.text_length(pipe), dtype=pipe.transformer.dtype)[0]
         return Text(encoder_hidden_states=embeds)
 
     def static_inputs(self, pipe, shape, guidance):
@@ -215,7 +214,6 @@ class CogVideoX(Family):
 
 class Flow(Family):
     """Flow-matching families: they predict v = eps - x0 and sample by Euler on their shifted sigmas."""
-    predicts = "flow velocity eps - x0"
 
     def native_size(self, pipe):  # the pipeline's own defaults: no config holds them
         return call_default(pipe, "num_frames"), call_default(pipe, "height"), call_default(pipe, "width")
@@ -262,8 +260,8 @@ class Wan(Flow):
         return texts, [(0, len(t)) for t in texts], self.text_length(pipe), 0
 
     def encode(self, pipe, prompts, device):
-        embeds = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=self.text_length(pipe),
-                                    device=device, dtype=pipe.transformer.dtype)[0]
+        embeds = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
+                                    max_sequence_length=self.text_length(pipe), dtype=pipe.transformer.dtype)[0]
         return Text(encoder_hidden_states=embeds)
 
     def static_inputs(self, pipe, shape, guidance):
@@ -329,7 +327,8 @@ class HunyuanVideo(Flow):
         return Text(encoder_hidden_states=embeds, encoder_attention_mask=mask, pooled_projections=pooled)
 
     def static_inputs(self, pipe, shape, guidance):
-        return {"guidance": torch.tensor(guidance * 1000.0, dtype=pipe.transformer.dtype, device=pipe.transformer.device)}
+        transformer = pipe.transformer
+        return {"guidance": torch.tensor(guidance * 1000.0, dtype=transformer.dtype, device=transformer.device)}
 
     def velocity(self, transformer, x, t, text, static):
         return transformer(hidden_states=x, timestep=t, guidance=static["guidance"].expand(len(x)), **text.inputs,

@@ -444,7 +444,7 @@ def test_concept_attention_is_the_stock_attentions_own_queries_and_text_keys(tin
     from diffusers.models.transformers import transformer_hunyuan_video, transformer_wan
     pipe = unlearn.load_base_pipeline(tiny_dir, "cpu")
     x, t, text, static = transformer_inputs(pipe)
-    length, n = text.inputs["encoder_hidden_states"].shape[1], math.prod(unlearn.token_grid(pipe.transformer, x.shape[1:]))
+    length, n = text.shape[1], math.prod(unlearn.token_grid(pipe.transformer, x.shape[1:]))
     caught, inside = [], []
 
     def spy(attend):
@@ -622,7 +622,8 @@ def test_training_erases_on_held_out_x_t_and_moves_other_prompts_much_less(kind,
         for k in (1, 3, 5, 7):
             x, t = xs[k], sampler.timesteps[k].expand(len(c))
             with unlearn.erasers_off(r.state):
-                v_c, v_a, v_p = (unlearn.velocity(pipe.transformer, x, t, e, r.static) for e in (r.cond, r.anchor, r.pre))
+                v_c, v_a, v_p = (unlearn.velocity(pipe.transformer, x, t, e, r.static)
+                                 for e in (r.cond, r.anchor, r.pre))
             s_c, s_p = (unlearn.velocity(pipe.transformer, x, t, e, r.static) for e in (r.cond, r.pre))
             target = unlearn.negative_guidance_target(v_c, v_a, args.eta)
             out.append([unlearn.unlearn_loss(s_c, target).item(), (s_c - v_c).pow(2).mean().item(),
