@@ -5,10 +5,13 @@
   (`default_preserve`).
 - On the toy, the toy's own small language (toy.py), recognised by its tokenizer (`is_toy`).
 - An optional language model that rewrites each prompt richly (`refine_prompts`).
+- A prompts file, for unlearn.py and sample.py alike: a CSV with a 'prompt' (and 'seed') column,
+  or one prompt a line (`read_prompts`).
 - What "a text names the concept" means, and the text with the concept taken out or replaced
   (`concept_pattern`, `substitute`): one definition for every step that asks.
 """
 
+import csv
 import functools
 import os
 import re
@@ -132,3 +135,18 @@ def refine_prompts(prompts, concept, refiner, device, dtype, tries=REFINER_TRIES
                 break
             dropped += 1
     return refined, dropped
+
+
+def read_prompts(path, seed):
+    """[(prompt, seed)] from a CSV with a 'prompt' column (and maybe 'seed'), or a text file, one a line."""
+    if not os.path.isfile(path):
+        raise UserError(f"--prompts-file {path}: no such file")
+    with open(path, encoding="utf-8", newline="") as f:
+        text = f.read()
+    if path.lower().endswith(".csv"):
+        rows = list(csv.DictReader(text.splitlines()))
+        if not rows or "prompt" not in rows[0]:
+            raise UserError(f"--prompts-file {path}: a CSV needs a 'prompt' column (and may have 'seed')")
+        return [(r["prompt"].strip(), int(r["seed"]) if (r.get("seed") or "").strip() else seed) for r in rows
+                if r["prompt"].strip()]
+    return [(line.strip(), seed) for line in text.splitlines() if line.strip()]

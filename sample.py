@@ -28,7 +28,6 @@ with any such frame.
 """
 
 import argparse
-import csv
 import glob
 import json
 import os
@@ -39,8 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from runs import UserError, run_cli, why
 from families import family_of
+from prompts import read_prompts
+from runs import UserError, run_cli, why
 from unlearn import (TOY, Eraser, eraser_sites, insert_erasers, load_base_pipeline, model_fingerprint, native_size,
                      pick_device, save_eraser, set_erasers, text_length)
 
@@ -231,21 +231,6 @@ def read_video(path):
     """(F, H, W, 3) floats in [0, 1] from an mp4 or GIF."""
     import imageio.v3 as iio
     return np.asarray(iio.imread(path), dtype=np.float32)[..., :3] / 255
-
-
-def read_prompts(path, seed):
-    """[(prompt, seed)] from a CSV with a 'prompt' column (and maybe 'seed'), or a text file, one a line."""
-    if not os.path.isfile(path):
-        raise UserError(f"--prompts-file {path}: no such file")
-    with open(path, encoding="utf-8", newline="") as f:
-        text = f.read()
-    if path.lower().endswith(".csv"):
-        rows = list(csv.DictReader(text.splitlines()))
-        if not rows or "prompt" not in rows[0]:
-            raise UserError(f"--prompts-file {path}: a CSV needs a 'prompt' column (and may have 'seed')")
-        return [(r["prompt"].strip(), int(r["seed"]) if (r.get("seed") or "").strip() else seed) for r in rows
-                if r["prompt"].strip()]
-    return [(line.strip(), seed) for line in text.splitlines() if line.strip()]
 
 
 # -----------------------------------------------------------------------------

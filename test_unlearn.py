@@ -266,6 +266,16 @@ def test_built_in_prompts_on_a_real_model_are_sentences_that_name_the_concept_on
     assert 0 < opening < 32  # some sentences begin with it (capitalised), most carry it inside
 
 
+def test_unlearn_reads_a_prompts_file_as_sample_does():
+    args = unlearn.parse_args(["--model", "toy", "--concept", "red", "--no-augment", "--prompts-file",
+                               os.path.join(HERE, "docs", "toy_prompts.csv")])
+    prompts, _, _ = unlearn.build_prompts(args, random.Random(0))
+    from prompts import read_prompts
+    expected = [p for p, _ in read_prompts(args.prompts_file, 0) if re.search(r"\bred\b", p, re.IGNORECASE)]
+    assert prompts == ["red"] + expected and len(expected) > 0
+    assert not any("," in p for p in prompts)  # the CSV's columns, not "one red box ...,0"
+
+
 def tiny_language_model(folder, words):
     """A causal language model built from a config, with a word-level tokenizer and a chat template; it never
     ends early, so every output is 200 of its words."""

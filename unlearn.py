@@ -36,8 +36,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from families import Text, family_of
-from prompts import (REFINER_TRIES, TOY, concept_pattern, concept_templates, default_preserve, fill, refine_prompts,
-                     substitute)
+from prompts import (REFINER_TRIES, TOY, concept_pattern, concept_templates, default_preserve, fill, read_prompts,
+                     refine_prompts, substitute)
 from runs import (Interrupted, UserError, deferred_interrupt, restore_checkpoint, run_cli, save_checkpoint, why,
                   write_atomic)
 
@@ -58,7 +58,8 @@ def build_parser():
     g.add_argument("--overwrite", action="store_true", help="replace an eraser already in --output-dir")
     g = p.add_argument_group("prompts")
     g.add_argument("--num-prompts", type=int, default=32, help="augmented prompts made from templates (8-256)")
-    g.add_argument("--prompts-file", default=None, help="more concept prompts, one a line")
+    g.add_argument("--prompts-file", default=None,
+                   help="more concept prompts: a CSV with a 'prompt' column (as sample.py reads), or one a line")
     g.add_argument("--refiner", default=None,
                    help="transformers chat/text model that rewrites each prompt richly (on the GPU, freed after)")
     g.add_argument("--no-augment", action="store_true", help="ablation: train on the bare concept word only")
@@ -191,12 +192,8 @@ def build_prompts(args, rng, device=None, log=print):
         prompts = [args.concept]
     else:
         prompts = [fill(t, args.concept) for t in concept_templates(args.model, rng, args.num_prompts, args.concept)]
-    if args.prompts_file:
-        if not os.path.isfile(args.prompts_file):
-            raise UserError(f"--prompts-file {args.prompts_file}: no such file")
-        with open(args.prompts_file, encoding="utf-8") as f:
-            lines = [line.strip() for line in f if line.strip()]
-        prompts += [p for p in lines if concept_pattern(args.concept).search(p)]
+    if args.prompts_file:  # sample.py's format: a CSV with a 'prompt' column, or one a line
+        prompts += [p for p, _ in read_prompts(args.prompts_file, args.seed) if concept_pattern(args.concept).search(p)]
     if args.refiner:
         asked = len(prompts)
         device = pick_device(device)
