@@ -70,6 +70,7 @@ class Family:
     pipeline = transformer = ""  # diffusers class names
     default_guidance = 6.0
     text_encoders = ("text_encoder",)  # pipeline components that encode prompts (step 3)
+    encoder_width, text_width = "d_model", "text_embed_dim"  # config keys: the text encoder's, the transformer's
 
     # check
     def check(self, pipe, model):
@@ -77,7 +78,8 @@ class Family:
         if cfg.in_channels != (cfg.out_channels or cfg.in_channels):
             raise UserError(f"'{model}' is an image-to-video model (it reads {cfg.in_channels} latent channels, "
                             f"draws {cfg.out_channels}); unlearn.py serves text-to-video pipelines")
-        encoder, transformer = self.text_widths(pipe)
+        encoder = getattr(pipe.text_encoder.config, self.encoder_width, None) if pipe.text_encoder is not None else None
+        transformer = pipe.transformer.config[self.text_width]
         if encoder is not None and encoder != transformer:
             raise UserError(f"'{model}': its text encoder gives {encoder}-wide embeddings, its transformer reads "
                             f"{transformer}: not a pipeline that can run")
@@ -98,6 +100,12 @@ class Family:
         """What the tokenizer reads for each prompt, the character span of the prompt in it, the length it is
         tokenized to, and how many leading tokens are cropped before the transformer reads them."""
         return list(prompts), [(0, len(p)) for p in prompts], self.text_length(pipe), 0
+
+    def encode(self, pipe, prompts, device):
+        """The prompts as the transformer reads them (a T5-style encoder: CogVideoX's T5, Wan's UMT5)."""
+        embeds = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
+                                    max_sequence_length=self.text_length(pipe), dtype=pipe.transformer.dtype)[0]
+        return Text(encoder_hidden_states=embeds)
 
     # velocity
     def velocity(self, transformer, x, t, text, static):
@@ -149,10 +157,6 @@ class CogVideoX(Family):
     attn1's video output after to_out, before the block's gated residual (the authors' place)."""
     pipeline, transformer = "CogVideoXPipeline", "CogVideoXTransformer3DModel"
 
-    def text_widths(self, pipe):
-        encoder = getattr(pipe.text_encoder.config, "d_model", None) if pipe.text_encoder is not None else None
-        return encoder, pipe.transformer.config.text_embed_dim
-
     def text_length(self, pipe):  # 226 for every CogVideoX
         return pipe.transformer.config.max_text_seq_length
 
@@ -172,11 +176,6 @@ class CogVideoX(Family):
     def token_grid(self, config, shape):
         frames, _, h, w = shape
         return frames // (config.patch_size_t or 1), h // config.patch_size, w // config.patch_size
-
-    def encode(self, pipe, prompts, device):
-        embeds = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
-                                    max_sequence_length=self.text_length(pipe), dtype=pipe.transformer.dtype)[0]
-        return Text(encoder_hidden_states=embeds)
 
     def static_inputs(self, pipe, shape, guidance):
         """RoPE's (cos, sin), as the pipeline makes them; none for sin-cos models (2B)."""
@@ -231,6 +230,7 @@ class Wan(Flow):
     sits, on attn2's output; its concept map is the cross-attention itself."""
     pipeline, transformer = "WanPipeline", "WanTransformer3DModel"
     default_guidance = 5.0
+    text_width = "text_dim"
 
     def check(self, pipe, model):
         if getattr(pipe, "transformer_2", None) is not None or pipe.config.get("boundary_ratio") is not None:
@@ -240,10 +240,6 @@ class Wan(Flow):
         if pipe.transformer.config.image_dim is not None:
             raise UserError(f"'{model}' is an image-to-video model; unlearn.py serves text-to-video pipelines")
         super().check(pipe, model)
-
-    def text_widths(self, pipe):
-        encoder = getattr(pipe.text_encoder.config, "d_model", None) if pipe.text_encoder is not None else None
-        return encoder, pipe.transformer.config.text_dim
 
     def latent_shape(self, pipe, num_frames, height, width):  # (C, F', H', W')
         cfg, s = pipe.transformer.config, pipe.vae_scale_factor_spatial
@@ -258,11 +254,6 @@ class Wan(Flow):
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean  # the pipeline tokenizes cleaned text
         texts = [prompt_clean(p) for p in prompts]
         return texts, [(0, len(t)) for t in texts], self.text_length(pipe), 0
-
-    def encode(self, pipe, prompts, device):
-        embeds = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
-                                    max_sequence_length=self.text_length(pipe), dtype=pipe.transformer.dtype)[0]
-        return Text(encoder_hidden_states=embeds)
 
     def static_inputs(self, pipe, shape, guidance):
         # Wan 2.2 TI2V-5B reads a timestep per video token (`expand_timesteps`): all equal for text-to-video
@@ -298,10 +289,7 @@ class HunyuanVideo(Flow):
     the `guidance` input (scale x 1000), true classifier-free guidance off, as the stock pipeline runs."""
     pipeline, transformer = "HunyuanVideoPipeline", "HunyuanVideoTransformer3DModel"
     text_encoders = ("text_encoder", "text_encoder_2")
-
-    def text_widths(self, pipe):
-        encoder = getattr(pipe.text_encoder.config, "hidden_size", None) if pipe.text_encoder is not None else None
-        return encoder, pipe.transformer.config.text_embed_dim
+    encoder_width = "hidden_size"  # Llama's
 
     def latent_shape(self, pipe, num_frames, height, width):  # (C, F', H', W')
         cfg, s = pipe.transformer.config, pipe.vae_scale_factor_spatial
