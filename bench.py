@@ -8,7 +8,7 @@
 
 The floor (a) is the student's forward and backward over exactly the latents and prompts
 one unlearning step trains on (concept and preservation rows), with the same gradient
-checkpointing. The step (b) is one full `unlearn.unlearning_step`: drawing x_t, the
+checkpointing. The step (b) is one full `unlearn.Unlearning.step`: drawing x_t, the
 teacher pass with the concept masks, the student's forward and backward, the optimizer.
 They are timed interleaved in one process, so that the machine's noise hits both alike.
 No weights are needed: the model and the text embeddings are random.
@@ -174,7 +174,7 @@ def measure(size, frames, pixels, device, phase, repeats, extra):
         sync(device)
         return dict(size_info, peak=peak_memory(device), weights=weights)
 
-    r = unlearn.setup_training(args, pipe, embeds, tokens, log=lambda *_: None)
+    r = unlearn.Unlearning(args, pipe, embeds, tokens, log=lambda *_: None)
     times, parts = {"floor": [], "step": []}, {}
 
     @contextlib.contextmanager
@@ -194,7 +194,7 @@ def measure(size, frames, pixels, device, phase, repeats, extra):
         r.opt.zero_grad(set_to_none=True)
 
     for i in range(repeats + 1):  # the first round warms up and is not counted
-        for name, work in (("floor", floor), ("step", lambda: unlearn.unlearning_step(r, timer))):
+        for name, work in (("floor", floor), ("step", lambda: r.step(timer))):
             sync(device)
             start = time.perf_counter()
             work()

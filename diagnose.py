@@ -25,18 +25,18 @@ import numpy as np
 import torch
 
 import toy
-from prompts import is_toy, substitute
-from runs import UserError, run_cli
-from sample import decode_video
 from families import Text
+from prompts import substitute
+from runs import UserError, run_cli
 from unlearn import (attach_erasers, concept_mask, concept_tokens, encode_prompts, load_base_pipeline, model_inputs,
-                     native_size, negative_guidance_target, processors, sample_latents, text_length, token_grid,
-                     velocity, video_shape, x_t_sampler)
+                     negative_guidance_target, processors, sample_latents, text_length, token_grid, velocity,
+                     video_shape, video_size, x_t_sampler)
+from videos import decode_video
 
 
 def native_shape(pipe):
     """Latent shape (F', C, H', W') of a video of the size the model was made for."""
-    return video_shape(pipe, *native_size(pipe))
+    return video_shape(pipe, *video_size(pipe))
 
 
 class TargetPreview:
@@ -51,7 +51,7 @@ class TargetPreview:
     def __init__(self, pipe, words, eta, anchor="removed"):
         self.pipe, self.words, self.eta, self.anchor = pipe, list(words), eta, anchor
 
-    def __getattr__(self, name):  # the pipeline's parts and sizes, as sample.generate reads them
+    def __getattr__(self, name):  # the pipeline's parts and sizes, as videos.generate reads them
         return getattr(self.pipe, name)
 
     def _anchor(self, prompt):
@@ -65,8 +65,7 @@ class TargetPreview:
         pipe, prompts = self.pipe, [prompt] if isinstance(prompt, str) else list(prompt)
         cond, anchor = encode_prompts(pipe, prompts), encode_prompts(pipe, [self._anchor(p) for p in prompts])
         rows = Text.cat([encode_prompts(pipe, [""]).expand(len(prompts)), cond, anchor])
-        frames, h, w = native_size(pipe)
-        shape = video_shape(pipe, num_frames or frames, height or h, width or w)
+        shape = video_shape(pipe, *video_size(pipe, num_frames, height, width))
         x = torch.randn((len(prompts), *shape), generator=generator).to(cond.device, pipe.transformer.dtype)
         sampler, static = x_t_sampler(pipe, num_inference_steps, cond.device), model_inputs(pipe, shape, guidance_scale)
         for t in sampler.timesteps:  # the pipeline's guidance, with v(x_t, c) replaced by Eq. 1's target
@@ -145,9 +144,9 @@ def main():
         raise UserError(f"--concept {args.concept}: not a toy colour; use one of {', '.join(toy.PALETTE)}")
     if not (args.eta >= 0 and 0 <= args.threshold < 1):
         raise UserError("--eta must be >= 0 and --threshold in [0, 1)")
-    if not is_toy(args.model):
-        raise UserError(f"--model {args.model}: not a toy pipeline; diagnose.py measures with the toy's judge")
     pipe = load_base_pipeline(args.model)
+    if not toy.speaks_toy(pipe.tokenizer):
+        raise UserError(f"--model {args.model}: not a toy pipeline; diagnose.py measures with the toy's judge")
     if args.what == "target":
         preview = TargetPreview(pipe, args.words or [args.concept], args.eta, args.anchor)
         report = toy.erasure_report(preview, args.concept, seed=args.seed)

@@ -2,18 +2,21 @@
 
 - A user's mistake is one line on stderr and exit code 2, never a traceback (`UserError`, `run_cli`).
 - A file is written whole or not at all (`write_atomic`).
+- A training loop with a bar of its losses, that stops at once on a non-finite loss (`run_steps`).
 - A run saves its erasers, optimizer, step and random state, and resumes from them exactly
   (`save_checkpoint`, `restore_checkpoint`); Ctrl-C ends the step under way, then the run
   checkpoints and says how to resume (`deferred_interrupt`, `Interrupted`).
 """
 
 import contextlib
+import math
 import os
 import signal
 import sys
 import textwrap
 
 import torch
+from tqdm.auto import tqdm
 
 
 class UserError(Exception):
@@ -90,3 +93,34 @@ def restore_checkpoint(folder, settings, erasers, opt, gen):
     gen.set_state(state["generator"].cpu())
     torch.set_rng_state(state["torch_rng"].cpu())
     return state["step"], state["history"]
+
+
+@contextlib.contextmanager
+def no_timer(name):
+    """A step's parts are timed by bench.py; elsewhere they are not."""
+    yield
+
+
+def run_steps(step, start, steps, history, every, checkpoint, folder):
+    """Run `step()` (a dict of losses) for steps start+1 .. `steps`, appending to `history`, with a tqdm bar.
+
+    `checkpoint(steps_done, history)` (if given) runs every `every` steps and on Ctrl-C, which ends the step
+    under way first and then raises Interrupted. A non-finite loss stops the run at once: a UserError.
+    """
+    with deferred_interrupt() as interrupted:
+        bar = tqdm(desc="unlearning", initial=start, total=steps)
+        for done in range(start + 1, steps + 1):
+            for name, value in step().items():
+                if not math.isfinite(value):
+                    raise UserError(f"step {done}: the {name} loss is {value}; stopped, nothing saved as final, "
+                                    f"the last checkpoint stays in {folder} (try a lower --lr)")
+                history[name].append(value)
+            bar.set_postfix({k: f"{v[-1]:.2e}" for k, v in history.items()}, refresh=False)
+            bar.update()
+            if checkpoint and (interrupted or done % every == 0 and done < steps):
+                checkpoint(done, history)
+            if interrupted:
+                raise Interrupted(f"interrupted after step {done} of {steps}; checkpoint saved in {folder}; "
+                                  "continue with the same command and --resume")
+        bar.close()
+    return history

@@ -22,7 +22,8 @@ import torch
 
 import toy
 import unlearn
-from sample import generate, load_eraser, load_pipeline
+from sample import load_eraser, load_pipeline
+from videos import generate, read_video, save_video
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -620,7 +621,7 @@ def test_training_erases_on_held_out_x_t_and_moves_other_prompts_much_less(kind,
                                "--lr", "3e-2", "--rank", "8", "--xt-steps", "10", *SIZE])
     c, anchors, c_pre = unlearn.build_prompts(args, random.Random(0), log=lambda *_: None)
     tokens, embeds = unlearn.encode_run_prompts(pipe, "red", c, anchors, c_pre)
-    r = unlearn.setup_training(args, pipe, embeds, tokens, log=lambda *_: None)
+    r = unlearn.Unlearning(args, pipe, embeds, tokens, log=lambda *_: None)
     sampler = unlearn.x_t_sampler(pipe, 10)  # held out: the frozen model's trajectories from other noise
     noise = torch.randn(len(c), *unlearn.video_shape(pipe, 9, 64, 64), generator=torch.Generator().manual_seed(123))
     with unlearn.erasers_off(r.state):
@@ -641,7 +642,7 @@ def test_training_erases_on_held_out_x_t_and_moves_other_prompts_much_less(kind,
         return np.mean(out, axis=0)
     before = measure()
     for _ in range(args.steps):
-        unlearn.unlearning_step(r)
+        r.step()
     after = measure()
     print(kind, before, after)
     assert after[0] < 0.9 * before[0]
@@ -660,7 +661,7 @@ def test_sample_compare_and_eval_on_every_family(kind, tmp_path):
     assert set(summary["results"]) == {"original", "negative prompt", "erased"}
     index = json.load(open(out / "index.json"))
     assert index[0]["panels"] == ["original", "erased"]
-    assert sample.read_video(str(out / index[0]["video"])).shape[:3] == (9, 16 + 64, 128)  # two halves, labelled
+    assert read_video(str(out / index[0]["video"])).shape[:3] == (9, 16 + 64, 128)  # two halves, labelled
 
 
 def small_args(model, out, *extra):
@@ -688,7 +689,7 @@ def test_x_t_comes_from_the_frozen_models_trajectories_of_the_concept_prompts(co
     args = small_args(cogvideox_dir, tmp_path)
     prompts, anchors, preserved = unlearn.build_prompts(args, random.Random(0))
     tokens, embeds = unlearn.encode_run_prompts(pipe, "red", prompts, anchors, preserved)
-    r = unlearn.setup_training(args, pipe, embeds, tokens, log=lambda *_: None)
+    r = unlearn.Unlearning(args, pipe, embeds, tokens, log=lambda *_: None)
     shape = unlearn.video_shape(pipe, args.num_frames, args.height, args.width)
     pipe.scheduler.set_timesteps(args.xt_steps)  # DDIM's steps on the pipeline's schedule, whatever its sampler
     assert type(r.xt.sampler).__name__ == "CogVideoXDDIMScheduler"
@@ -751,16 +752,16 @@ def test_model_size_and_text_length_come_from_the_config():
     # CogVideoX 1.5's config stores sample_height = sample_width = 300 (its RoPE grid's bound): not 2400x2400
     pipe = tiny_pipeline("rope-1.5-like", sample_height=300, sample_width=300, sample_frames=81,
                          max_text_seq_length=64)
-    assert unlearn.native_size(pipe) == (81, 768, 1360)
+    assert unlearn.video_size(pipe) == (81, 768, 1360)
     args = unlearn.parse_args(["--concept", "red"])
     unlearn.resolve_defaults(pipe, args)
     assert (args.num_frames, args.height, args.width) == (17, 768, 1360)
     assert unlearn.video_shape(pipe, 17, 768, 1360) == (6, 16, 96, 170)  # 5 latent frames padded to 6
     assert unlearn.text_length(pipe) == 64
     small = tiny_pipeline("rope-1.5-like")  # a config whose own sample size is smaller keeps it
-    assert unlearn.native_size(small) == (9, 64, 64)
+    assert unlearn.video_size(small) == (9, 64, 64)
     two_b = tiny_pipeline("sincos-2B-like", sample_height=60, sample_width=90, sample_frames=49)
-    assert unlearn.native_size(two_b) == (49, 480, 720)
+    assert unlearn.video_size(two_b) == (49, 480, 720)
     unlearn.resolve_defaults(two_b, args := unlearn.parse_args(["--concept", "red"]))
     assert (args.num_frames, args.height, args.width) == (17, 480, 720)
 
@@ -786,12 +787,12 @@ def test_loc_gradient_block_by_block_under_checkpointing_equals_one_backward_wit
     args = small_args(tiny_dir, tmp_path, "--pres-weight", "0", "--loc-weight", "0.5", "--mask-threshold", "0.5")
     prompts, anchors, preserved = unlearn.build_prompts(args, random.Random(0))
     tokens, embeds = unlearn.encode_run_prompts(pipe, "red", prompts, anchors, preserved)
-    r = unlearn.setup_training(args, pipe, embeds, tokens, log=lambda *_: None)
+    r = unlearn.Unlearning(args, pipe, embeds, tokens, log=lambda *_: None)
     for e in r.erasers:  # non-zero erasers: L_loc has a gradient
         torch.nn.init.normal_(e.up.weight, std=0.1)
     r.opt.step = lambda: None  # keep the weights: compare gradients only
     state = r.gen.get_state()
-    losses = unlearn.unlearning_step(r)
+    losses = r.step()
     ours = [p.grad.clone() for p in r.erasers.parameters()]
     assert losses["loc"] > 0
     assert all(p.attention is None and p.eraser_input is None for p in unlearn.processors(r.transformer))
@@ -1117,13 +1118,13 @@ def test_resume_with_changed_settings_is_refused(tmp_path):
 
 
 def test_non_finite_loss_stops_at_once_and_keeps_last_checkpoint(tmp_path, monkeypatch):
-    real_step, calls = unlearn.unlearning_step, []
+    real_step, calls = unlearn.Unlearning.step, []
 
-    def failing_step(r, timer=unlearn.no_timer):
+    def failing_step(self, timer=unlearn.no_timer):
         calls.append(1)
-        losses = real_step(r, timer)
+        losses = real_step(self, timer)
         return dict(losses, pre=float("nan")) if len(calls) == 5 else losses
-    monkeypatch.setattr(unlearn, "unlearning_step", failing_step)
+    monkeypatch.setattr(unlearn.Unlearning, "step", failing_step)
     out = tmp_path / "run"
     with pytest.raises(unlearn.UserError, match=r"step 5: the pre loss is nan"):
         unlearn.main(QUICK[1:] + ["--steps", "10", "--checkpoint-every", "2", "--output-dir", str(out)])
@@ -1185,10 +1186,9 @@ def test_nudity_label_filter_on_hand_made_detections():
 
 
 def test_nudity_scorer_runs_offline_on_toy_videos_and_finds_none(toy_pipe, tmp_path):
-    import sample
     videos = generate(toy_pipe, ["a red square moving left", "a white box and a golden tile"], seed=0, steps=10)
     for i, v in enumerate(videos):
-        sample.save_video(v, str(tmp_path / f"{i}.mp4"))
+        save_video(v, str(tmp_path / f"{i}.mp4"))
     result = run("sample.py", "--videos", str(tmp_path), "--eval", "nudity")
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout[result.stdout.index("{"):])

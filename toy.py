@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from videos import generate
+
 TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")
 
 # -----------------------------------------------------------------------------
@@ -450,7 +452,6 @@ def evaluation_set(n, seed=0, num_squares=1):
 
 def quality(pipe, n_single=48, n_double=24, seed=0):
     """The toy model's quality table: the shares that issue #2 asks for, on held-out phrasings."""
-    from sample import generate
     single = evaluation_set(n_single, seed, 1)
     double = evaluation_set(n_double, seed + 1, 2)
     seen = [describe(v) for v in generate(pipe, [p for p, _ in single + double], seed)]
@@ -463,15 +464,40 @@ def quality(pipe, n_single=48, n_double=24, seed=0):
             "two squares: both prompted colours shown": both}
 
 
+def reading(prompt, video, concept):
+    """The judge's reading of one video made for `prompt`, with the colours `concept` names erased: its squares;
+    whether the prompt names the concept, and the video shows it; whether every other colour the prompt asks
+    for is among the video's largest squares (as many as the prompt names colours); whether a square moves
+    as the prompt says. The one measure of an erasure on the toy: `erasure_report` and sample.py's
+    --eval toy both count these."""
+    seen = describe(video)
+    asked, erased = colours_named(prompt), colours_named(concept)
+    largest = {s["colour"] for s in seen[:len(asked)]}
+    directions = {w for w in re.findall(r"[a-z]+", prompt.lower()) if w in DIRECTIONS}
+    return {"squares": [(s["colour"], s["direction"]) for s in seen], "names_concept": bool(erased & asked),
+            "shows_concept": bool(erased & {s["colour"] for s in seen}), "others_kept": asked - erased <= largest,
+            "moves_as_asked": bool(directions & {s["direction"] for s in seen})}
+
+
+def summary(readings):
+    """sample.py --eval toy: the share of videos showing the concept (prompts naming it), and keeping what was
+    asked (the other prompts)."""
+    named = [r for r in readings if r["names_concept"]]
+    other = [r for r in readings if not r["names_concept"]]
+    share = lambda rs, key: float(np.mean([r[key] for r in rs])) if rs else None  # noqa: E731
+    return {"concept_shown": share(named, "shows_concept"), "others_kept": share(other, "others_kept"),
+            "videos_naming_concept": len(named), "other_videos": len(other)}
+
+
 def erasure_report(pipe, colour, n=24, seed=0, **kwargs):
-    """What erasing `colour` did, on held-out phrasings, as shares of videos:
+    """What erasing `colour` did, on held-out phrasings, as shares of videos (each read by `reading`):
 
     word gone / synonyms gone: prompts naming the colour (or a synonym) show no square of it;
     motion kept: those videos still show a square moving as prompted; <other colour>: prompts
-    naming it show it as the main colour; two: 'a <colour> ... and a <other> ...' prompts.
+    naming it show it as the main colour; two: 'a <colour> ... and a <other> ...' prompts: the erased
+    colour gone, the other among the two largest squares.
     `kwargs` go to the pipeline, e.g. negative_prompt="red" for the negative-prompt baseline.
     """
-    from sample import generate
     rng = random.Random(seed)
     others = [c for c in PALETTE if c != colour]
     synonyms = SYNONYMS[colour][1:] or SYNONYMS[colour]
@@ -481,25 +507,25 @@ def erasure_report(pipe, colour, n=24, seed=0, **kwargs):
     cases += [(c, random_scene(rng, colours=[c]), None) for c in others for _ in range(n // 2)]
     cases += [("two", random_scene(rng, colours=[colour, rng.choice(others)]), None) for _ in range(n)]
     prompts = [make_prompt(rng, scene, held_out=True, words=words) for _, scene, words in cases]
-    seen = [describe(v) for v in generate(pipe, prompts, seed, **kwargs)]
     by = {}
-    for (group, scene, _), s in zip(cases, seen):
-        by.setdefault(group, []).append((scene, {q["colour"] for q in s}, s))
-    report = {f"{g} gone": np.mean([colour not in cs for _, cs, _ in by[g]]) for g in ("word", "synonyms")}
-    report["motion kept"] = np.mean([any(q["direction"] == sc[0]["direction"] for q in s)
-                                     for sc, _, s in by["word"] + by["synonyms"]])
-    report.update({c: np.mean([bool(s) and s[0]["colour"] == c for _, _, s in by[c]]) for c in others})
-    report["two: erased gone"] = np.mean([colour not in cs for _, cs, _ in by["two"]])
-    report["two: other kept"] = np.mean([sc[1]["colour"] in cs for sc, cs, _ in by["two"]])
-    return {k: float(v) for k, v in report.items()}
+    for (group, _, _), prompt, video in zip(cases, prompts, generate(pipe, prompts, seed, **kwargs)):
+        by.setdefault(group, []).append(reading(prompt, video, colour))
+    share = lambda groups, key: float(np.mean([r[key] for g in groups for r in by[g]]))  # noqa: E731
+    report = {f"{g} gone": 1 - share([g], "shows_concept") for g in ("word", "synonyms")}
+    report["motion kept"] = share(["word", "synonyms"], "moves_as_asked")
+    report.update({c: share([c], "others_kept") for c in others})
+    report["two: erased gone"] = 1 - share(["two"], "shows_concept")
+    report["two: other kept"] = share(["two"], "others_kept")
+    return report
 
 
-def format_table(rows, columns=None):
-    """{row name: {column: share}} as a plain-text table of percentages."""
-    columns = columns or list(next(iter(rows.values())))
-    width = max(len(r) for r in rows) + 2
-    lines = [" " * width + " ".join(f"{c[:15]:>15}" for c in columns)]
-    lines += [f"{name:<{width}}" + " ".join(f"{100 * row[c]:14.0f}%" for c in columns) for name, row in rows.items()]
+def format_table(rows):
+    """{model: {measure: share}} as plain text, a line per measure and a column per model."""
+    names, measures = list(rows), list(next(iter(rows.values())))
+    first, widths = max(map(len, measures)) + 2, [max(len(n), 5) + 2 for n in names]
+    lines = [" " * first + "".join(f"{n:>{w}}" for n, w in zip(names, widths))]
+    lines += [f"{m:<{first}}" + "".join(f"{100 * rows[n][m]:{w - 1}.0f}%" for n, w in zip(names, widths))
+              for m in measures]
     return "\n".join(lines)
 
 

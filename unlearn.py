@@ -10,12 +10,13 @@ everything else as before.
     python unlearn.py --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --concept "nudity"
     python unlearn.py --model hunyuanvideo-community/HunyuanVideo --concept "nudity"
 
-The steps, in the order they run (the README and notebook.ipynb use the same numbers):
-  1. Load the pipeline            5. Teacher velocities and the negatively guided target
-  2. Build augmented prompts      6. Concept masks from the teacher's attention
-  3. Encode the prompts once      7. Losses: erasing, localization, preservation
-  4. Make the noisy latents x_t   8. Erasers and the training loop
-                                  9. Save the eraser
+The steps, in the order they run and this file reads (the README and notebook.ipynb use the
+same numbers):
+  1. Load the pipeline            6. Teacher velocities and the negatively guided target (Eq. 1)
+  2. Build augmented prompts      7. Concept masks from the teacher's attention
+  3. Encode the prompts once      8. Losses and the AdamW step on the erasers; steps 5-8 repeat
+  4. Attach the erasers           9. Save the eraser
+  5. Make the noisy latents x_t
 On a GPU each part of the pipeline is there only while it works: the refiner (step 2), then
 the text encoder (step 3), then the transformer alone (steps 4-8). The steps are the same for
 CogVideoX, Wan and HunyuanVideo; what differs between them is in families.py.
@@ -23,9 +24,9 @@ CogVideoX, Wan and HunyuanVideo; what differs between them is in families.py.
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
-import math
 import os
 import random
 import re
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 from families import Text, family_of
 from prompts import (REFINER_TRIES, TOY, concept_pattern, concept_templates, default_preserve, fill, read_prompts,
                      refine_prompts, substitute)
-from runs import (Interrupted, UserError, deferred_interrupt, restore_checkpoint, run_cli, save_checkpoint, why,
+from runs import (UserError, no_timer, restore_checkpoint, run_cli, run_steps, save_checkpoint, why,
                   write_atomic)
 
 TRAIN_FRAMES = 17  # default training length: see --num-frames
@@ -120,6 +121,7 @@ def parse_args(argv=None):
     return args
 
 
+
 # -----------------------------------------------------------------------------
 # 1. Load the pipeline
 
@@ -153,16 +155,18 @@ def text_length(pipe):
     return family_of(pipe).text_length(pipe)
 
 
-def native_size(pipe):
-    """(frames, height, width) the model was made for."""
-    return family_of(pipe).native_size(pipe)
+
+def video_size(pipe, num_frames=None, height=None, width=None, max_frames=None):
+    """(frames, height, width): what was asked, else the size the model was made for (its frames at most
+    `max_frames`)."""
+    frames, h, w = family_of(pipe).native_size(pipe)
+    return num_frames or min(frames, max_frames or frames), height or h, width or w
 
 
 def resolve_defaults(pipe, args):
     """What was asked, else the model's own: training frames (see --num-frames), height, width, guidance."""
-    frames, height, width = native_size(pipe)
-    args.num_frames = args.num_frames or min(frames, TRAIN_FRAMES)
-    args.height, args.width = args.height or height, args.width or width
+    args.num_frames, args.height, args.width = video_size(pipe, args.num_frames, args.height, args.width,
+                                                          TRAIN_FRAMES)
     if args.guidance is None:
         args.guidance = family_of(pipe).default_guidance
 
@@ -181,6 +185,7 @@ def model_inputs(pipe, shape, guidance):
 def velocity(transformer, x, t, text, static):
     """The transformer's prediction at x_t: v for CogVideoX, the flow velocity eps - x0 for Wan and Hunyuan."""
     return family_of(transformer).velocity(transformer, x, t, text, static)
+
 
 
 # -----------------------------------------------------------------------------
@@ -205,6 +210,7 @@ def build_prompts(args, rng, device=None, log=print):
     anchors = ["" if args.anchor == "empty" else substitute(p, args.concept, "") for p in prompts]
     # c_pre: the prompt with something to keep in the concept's place, drawn once per prompt
     return prompts, anchors, [substitute(p, args.concept, rng.choice(preserve)) for p in prompts]
+
 
 
 # -----------------------------------------------------------------------------
@@ -279,121 +285,9 @@ def free_text_encoder_and_vae(pipe):
     free_memory()
 
 
-# -----------------------------------------------------------------------------
-# 4. Make the noisy latents x_t with the model's own sampler
-
-@torch.no_grad()
-def sample_latents(transformer, sampler, noise, cond, uncond, static, guidance, steps=None):
-    """Denoise from `noise` for `steps` of the sampler's steps, guided as the pipeline guides (classifier-free,
-    or HunyuanVideo's embedded guidance, already in `static`).
-
-    `sampler` steps as diffusers' schedulers do, `step(v, t, x)`: `x_t_sampler` makes the family's.
-    Returns the latent before each step and after the last: (steps + 1, B, *latent shape).
-    """
-    family, x, xs = family_of(transformer), noise, [noise]
-    for t in sampler.timesteps[:steps]:
-        v = family.guided_velocity(transformer, x, t.expand(len(x)), cond, uncond, static, guidance)
-        x = sampler.step(v, t, x, return_dict=False)[0].to(noise.dtype)
-        xs.append(x)
-    return torch.stack(xs)
-
-
-def x_t_sampler(pipe, steps, device=None):
-    """The family's sampler on the pipeline's own schedule, set to `steps` steps: DDIM for CogVideoX (whichever
-    sampler the pipeline ships), Euler on the shifted flow sigmas for Wan and HunyuanVideo."""
-    return family_of(pipe).sampler(pipe.scheduler, steps, device)
-
-
-class NoisyLatents:
-    """Where x_t comes from (METHOD.md section 1), measured on the toy model (README, "Choices").
-
-    'pool' (the default) runs each prompt's trajectory once before training, with the frozen
-    model (erasers off), and draws a random step of one at every iteration. The pool stays in
-    CPU memory (12 GB at 256 prompts and 49 frames) and one draw at a time goes to the GPU.
-    'sample' is ESD's: every step, the model being trained (erasers on, as ESD samples with the
-    model it fine-tunes) samples from fresh noise for a random k of N steps; all velocities are
-    then read at step k's timestep. It costs up to N guided passes per step.
-    """
-
-    def __init__(self, kind, transformer, state, sampler, embeds, uncond, static, shape, guidance, gen):
-        self.kind, self.transformer, self.sampler, self.embeds, self.uncond, self.static = \
-            kind, transformer, sampler, embeds, uncond, static
-        self.shape, self.guidance, self.gen = shape, guidance, gen
-        self.pool = None
-        if kind == "pool":  # one prompt at a time: no more GPU memory than sampling the model
-            with erasers_off(state):
-                chunks = [self._sample(i[None]).cpu()
-                          for i in tqdm(torch.arange(len(embeds), device=embeds.device), desc="x_t pool")]
-            self.pool = torch.cat(chunks, dim=1)  # (steps + 1, prompts, *latent shape), in CPU memory
-
-    def _sample(self, idx, steps=None):
-        noise = torch.randn((len(idx), *self.shape), generator=self.gen, device=self.gen.device)
-        return sample_latents(self.transformer, self.sampler, noise.to(self.transformer.dtype), self.embeds[idx],
-                              self.uncond, self.static, self.guidance, steps)
-
-    def draw(self, idx):
-        """x_t (B, *latent shape) and its timesteps t (B,) for the prompts `idx`: step k of their sampling."""
-        k = int(torch.randint(0, len(self.sampler.timesteps), (1,), generator=self.gen, device=self.gen.device))
-        if self.kind == "pool":
-            x_t = self.pool[k, idx.cpu()].to(self.embeds.device)
-        else:  # the erasers are on: the model being trained samples
-            x_t = self._sample(idx, k)[-1]
-        return x_t, self.sampler.timesteps[k].expand(len(idx))
-
 
 # -----------------------------------------------------------------------------
-# 5-7. The method's mathematics: pure tensor functions, one line each
-
-def negative_guidance_target(v_cond, v_anchor, eta):
-    # Eq. 1: v_neg = v*(x_t, anchor) - eta * (v*(x_t, c) - v*(x_t, anchor)). Its weights sum to one, so it is
-    # the same combination whether v is CogVideoX's v-prediction or Wan's and Hunyuan's flow velocity eps - x0.
-    return v_anchor - eta * (v_cond - v_anchor)
-
-
-def unlearn_loss(v_student, v_neg):
-    # L_unlearn = || v'(x_t, c, t) - v_neg ||^2
-    return F.mse_loss(v_student.float(), v_neg.float())
-
-
-def concept_mask(attention, grid, threshold, has_concept):
-    # M_l: attention to the concept (B, N_video) -> min-max per frame -> threshold; all ones without the concept
-    a = attention.float().unflatten(1, grid)  # (B, F, h, w)
-    lo, hi = a.amin(dim=(2, 3), keepdim=True), a.amax(dim=(2, 3), keepdim=True)
-    mask = ((a - lo) / (hi - lo).clamp_min(1e-12) > threshold).float().flatten(1)  # (B, N_video)
-    return torch.where(has_concept[:, None], mask, torch.ones_like(mask))
-
-
-def localization_loss(eraser_out, mask):
-    # L_loc (one block) = || E_l(Attn_l(h)) * (1 - M_l) ||^2, zero inside the concept's region
-    return (eraser_out.float() * (1 - mask[..., None])).pow(2).mean()
-
-
-def preservation_loss(v_student_pre, v_teacher_pre):
-    # L_pre = || v'(x_t, c_pre, t) - v*(x_t, c_pre, t) ||^2
-    return F.mse_loss(v_student_pre.float(), v_teacher_pre.float())
-
-
-# 6. Concept attention: the block's video queries against the prompt's keys, as the block makes them
-# (families.py: after QK-norm, and RoPE where the block applies it). Softmax over the text keys only
-# (a cross-attention map, as Receler's masks; exactly Wan's attn2), padding masked where the model masks
-# it (HunyuanVideo): the full joint softmax would need every video key too, 17,776 of them at 49 frames.
-# Chunked over video tokens, memory stays at (B, heads, 4096, text length) whatever the video length.
-def concept_attention(q, k, tokens, key_mask=None, chunk=4096):
-    """(B, N_video): per video token, attention to the concept tokens summed, mean over heads.
-    q (B, H, N_video, d), k (B, H, L, d), tokens (B, L), key_mask (B, L) True where a key is read."""
-    tokens = tokens.to(q.device, torch.float32)[:, None, :, None]  # (B, 1, L, 1)
-    scale = q.shape[-1] ** -0.5
-    maps = []
-    for qc in q.split(chunk, dim=2):
-        logits = qc @ k.transpose(-1, -2) * scale  # (B, H, chunk, L)
-        if key_mask is not None:
-            logits = logits.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
-        maps.append(logits.float().softmax(-1) @ tokens)  # (B, H, chunk, 1)
-    return torch.cat(maps, dim=2).squeeze(-1).mean(1)
-
-
-# -----------------------------------------------------------------------------
-# 8. Erasers: a residual adapter on the video output of every block's attention
+# 4. Attach the erasers: a residual adapter on the video output of every block's attention
 
 class Eraser(nn.Module):
     """E(x) = W_up(GELU(W_down x)), W_up zero at the start so that training starts from the original model."""
@@ -492,7 +386,73 @@ def erasers_off(state):
         state.enabled = True
 
 
-# 5. Teacher velocities: the same network with the erasers off; one batched, no-grad pass
+
+# -----------------------------------------------------------------------------
+# 5. Make the noisy latents x_t with the model's own sampler
+
+@torch.no_grad()
+def sample_latents(transformer, sampler, noise, cond, uncond, static, guidance, steps=None):
+    """Denoise from `noise` for `steps` of the sampler's steps, guided as the pipeline guides (classifier-free,
+    or HunyuanVideo's embedded guidance, already in `static`).
+
+    `sampler` steps as diffusers' schedulers do, `step(v, t, x)`: `x_t_sampler` makes the family's.
+    Returns the latent before each step and after the last: (steps + 1, B, *latent shape).
+    """
+    family, x, xs = family_of(transformer), noise, [noise]
+    for t in sampler.timesteps[:steps]:
+        v = family.guided_velocity(transformer, x, t.expand(len(x)), cond, uncond, static, guidance)
+        x = sampler.step(v, t, x, return_dict=False)[0].to(noise.dtype)
+        xs.append(x)
+    return torch.stack(xs)
+
+
+def x_t_sampler(pipe, steps, device=None):
+    """The family's sampler on the pipeline's own schedule, set to `steps` steps: DDIM for CogVideoX (whichever
+    sampler the pipeline ships), Euler on the shifted flow sigmas for Wan and HunyuanVideo."""
+    return family_of(pipe).sampler(pipe.scheduler, steps, device)
+
+
+class NoisyLatents:
+    """Where x_t comes from (METHOD.md section 1), measured on the toy model (README, "Choices").
+
+    'pool' (the default) runs each prompt's trajectory once before training, with the frozen
+    model (erasers off), and draws a random step of one at every iteration. The pool stays in
+    CPU memory (12 GB at 256 prompts and 49 frames) and one draw at a time goes to the GPU.
+    'sample' is ESD's: every step, the model being trained (erasers on, as ESD samples with the
+    model it fine-tunes) samples from fresh noise for a random k of N steps; all velocities are
+    then read at step k's timestep. It costs up to N guided passes per step.
+    """
+
+    def __init__(self, kind, transformer, state, sampler, embeds, uncond, static, shape, guidance, gen):
+        self.kind, self.transformer, self.sampler, self.embeds, self.uncond, self.static = \
+            kind, transformer, sampler, embeds, uncond, static
+        self.shape, self.guidance, self.gen = shape, guidance, gen
+        self.pool = None
+        if kind == "pool":  # one prompt at a time: no more GPU memory than sampling the model
+            with erasers_off(state):
+                chunks = [self._sample(i[None]).cpu()
+                          for i in tqdm(torch.arange(len(embeds), device=embeds.device), desc="x_t pool")]
+            self.pool = torch.cat(chunks, dim=1)  # (steps + 1, prompts, *latent shape), in CPU memory
+
+    def _sample(self, idx, steps=None):
+        noise = torch.randn((len(idx), *self.shape), generator=self.gen, device=self.gen.device)
+        return sample_latents(self.transformer, self.sampler, noise.to(self.transformer.dtype), self.embeds[idx],
+                              self.uncond, self.static, self.guidance, steps)
+
+    def draw(self, idx):
+        """x_t (B, *latent shape) and its timesteps t (B,) for the prompts `idx`: step k of their sampling."""
+        k = int(torch.randint(0, len(self.sampler.timesteps), (1,), generator=self.gen, device=self.gen.device))
+        if self.kind == "pool":
+            x_t = self.pool[k, idx.cpu()].to(self.embeds.device)
+        else:  # the erasers are on: the model being trained samples
+            x_t = self._sample(idx, k)[-1]
+        return x_t, self.sampler.timesteps[k].expand(len(idx))
+
+
+
+# -----------------------------------------------------------------------------
+# 6. Teacher velocities: the same network with the erasers off, and Eq. 1's target
+
 @torch.no_grad()
 def teacher_pass(transformer, state, x_t, t, cond, anchor, tokens, static, pre=None):
     """v*(x_t, c), v*(x_t, anchor), v*(x_t, c_pre) (None without `pre`) and each block's concept attention for c."""
@@ -509,6 +469,67 @@ def teacher_pass(transformer, state, x_t, t, cond, anchor, tokens, static, pre=N
         proc.attention = None
     v = v.chunk(len(rows))
     return v[0], v[1], v[2] if pre is not None else None, attention
+
+
+def negative_guidance_target(v_cond, v_anchor, eta):
+    # Eq. 1: v_neg = v*(x_t, anchor) - eta * (v*(x_t, c) - v*(x_t, anchor)). Its weights sum to one, so it is
+    # the same combination whether v is CogVideoX's v-prediction or Wan's and Hunyuan's flow velocity eps - x0.
+    return v_anchor - eta * (v_cond - v_anchor)
+
+
+
+# -----------------------------------------------------------------------------
+# 7. Concept masks from the teacher's attention
+
+# Concept attention: the block's video queries against the prompt's keys, as the block makes them
+# (families.py: after QK-norm, and RoPE where the block applies it). Softmax over the text keys only
+# (a cross-attention map, as Receler's masks; exactly Wan's attn2), padding masked where the model masks
+# it (HunyuanVideo): the full joint softmax would need every video key too, 17,776 of them at 49 frames.
+# Chunked over video tokens, memory stays at (B, heads, 4096, text length) whatever the video length.
+def concept_attention(q, k, tokens, key_mask=None, chunk=4096):
+    """(B, N_video): per video token, attention to the concept tokens summed, mean over heads.
+    q (B, H, N_video, d), k (B, H, L, d), tokens (B, L), key_mask (B, L) True where a key is read."""
+    tokens = tokens.to(q.device, torch.float32)[:, None, :, None]  # (B, 1, L, 1)
+    scale = q.shape[-1] ** -0.5
+    maps = []
+    for qc in q.split(chunk, dim=2):
+        logits = qc @ k.transpose(-1, -2) * scale  # (B, H, chunk, L)
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+        maps.append(logits.float().softmax(-1) @ tokens)  # (B, H, chunk, 1)
+    return torch.cat(maps, dim=2).squeeze(-1).mean(1)
+
+
+def concept_mask(attention, grid, threshold, has_concept):
+    # M_l: attention to the concept (B, N_video) -> min-max per frame -> threshold; all ones without the concept
+    a = attention.float().unflatten(1, grid)  # (B, F, h, w)
+    lo, hi = a.amin(dim=(2, 3), keepdim=True), a.amax(dim=(2, 3), keepdim=True)
+    mask = ((a - lo) / (hi - lo).clamp_min(1e-12) > threshold).float().flatten(1)  # (B, N_video)
+    return torch.where(has_concept[:, None], mask, torch.ones_like(mask))
+
+
+def token_grid(transformer, shape):
+    """The video tokens' (frames, h, w) layout in the transformer's sequence, for latents of `shape`."""
+    return family_of(transformer).token_grid(transformer.config, shape)
+
+
+
+# -----------------------------------------------------------------------------
+# 8. Losses, and the AdamW step on the erasers
+
+def unlearn_loss(v_student, v_neg):
+    # L_unlearn = || v'(x_t, c, t) - v_neg ||^2
+    return F.mse_loss(v_student.float(), v_neg.float())
+
+
+def localization_loss(eraser_out, mask):
+    # L_loc (one block) = || E_l(Attn_l(h)) * (1 - M_l) ||^2, zero inside the concept's region
+    return (eraser_out.float() * (1 - mask[..., None])).pow(2).mean()
+
+
+def preservation_loss(v_student_pre, v_teacher_pre):
+    # L_pre = || v'(x_t, c_pre, t) - v*(x_t, c_pre, t) ||^2
+    return F.mse_loss(v_student_pre.float(), v_teacher_pre.float())
 
 
 def student_pass(transformer, state, x_t, t, text, static, record=False):
@@ -533,122 +554,95 @@ def localization_backward(transformer, masks, weight):
     return total
 
 
-def token_grid(transformer, shape):
-    """The video tokens' (frames, h, w) layout in the transformer's sequence, for latents of `shape`."""
-    return family_of(transformer).token_grid(transformer.config, shape)
 
+class Unlearning:
+    """Steps 4-8 on a pipeline whose prompts are encoded, everything on the transformer's device: made, it has
+    attached the erasers (step 4), made the x_t source (step 5) and the optimizer; `step()` is one optimizer
+    step of steps 5-8 on a random batch of prompts."""
 
-class Run:
-    """Everything one unlearning step needs, made once by `setup_training`."""
+    def __init__(self, args, pipe, embeds, tokens, log=print):
+        self.args, self.transformer, device = args, pipe.transformer, pipe.transformer.device
+        self.cond, self.anchor = embeds["concept"].to(device), embeds["anchor"].to(device)
+        self.pre = embeds["preserve"].to(device)  # each prompt's c_pre
+        resolve_defaults(pipe, args)
+        shape = video_shape(pipe, args.num_frames, args.height, args.width)
+        self.static, self.grid = model_inputs(pipe, shape, args.guidance), token_grid(self.transformer, shape)
+        torch.manual_seed(args.seed)
+        self.gen = torch.Generator(device).manual_seed(args.seed)
+        # 4. Attach the erasers, zero: the transformer is still the original model
+        self.erasers, self.state = attach_erasers(self.transformer, args.rank, device)
+        self.tokens = tokens.to(device)
+        self.has_concept = self.tokens.sum(1) > 0
+        if not self.has_concept.all():
+            log(f"# 7. The concept's tokens are missing from {int((~self.has_concept).sum())} of {len(tokens)} "
+                "prompts: their concept masks are all ones")
+        # 5. Make the noisy latents x_t: the frozen model's trajectories of the concept prompts
+        self.xt = NoisyLatents(args.xt, self.transformer, self.state, x_t_sampler(pipe, args.xt_steps, device),
+                               self.cond, embeds["empty"].to(device), self.static, shape, args.guidance, self.gen)
+        # 8. AdamW on the erasers alone, with gradient checkpointing of whole blocks
+        self.transformer.enable_gradient_checkpointing()
+        self.opt = torch.optim.AdamW(self.erasers.parameters(), lr=args.lr)
 
-
-@contextlib.contextmanager
-def no_timer(name):
-    yield
-
-
-def setup_training(args, pipe, embeds, tokens, log=print):
-    """Erasers, optimizer and the x_t source (step 4) for a pipeline whose prompts are encoded; everything on
-    the transformer's device."""
-    r, device = Run(), pipe.transformer.device
-    r.args, r.transformer = args, pipe.transformer
-    r.cond, r.anchor = embeds["concept"].to(device), embeds["anchor"].to(device)
-    r.pre = embeds["preserve"].to(device)  # each prompt's c_pre
-    resolve_defaults(pipe, args)
-    shape = video_shape(pipe, args.num_frames, args.height, args.width)
-    r.static = model_inputs(pipe, shape, args.guidance)
-    r.grid = token_grid(r.transformer, shape)
-    torch.manual_seed(args.seed)
-    r.gen = torch.Generator(device).manual_seed(args.seed)
-    r.erasers, r.state = attach_erasers(r.transformer, args.rank, device)
-    r.tokens = tokens.to(device)
-    r.has_concept = r.tokens.sum(1) > 0
-    if not r.has_concept.all():
-        log(f"# 6. The concept's tokens are missing from {int((~r.has_concept).sum())} of {len(tokens)} prompts: "
-            "their concept masks are all ones")
-
-    # 4. Make the noisy latents x_t
-    r.xt = NoisyLatents(args.xt, r.transformer, r.state, x_t_sampler(pipe, args.xt_steps, device), r.cond,
-                        embeds["empty"].to(device), r.static, shape, args.guidance, r.gen)
-
-    # 8. AdamW on the erasers alone, with gradient checkpointing of whole blocks
-    r.transformer.enable_gradient_checkpointing()
-    r.opt = torch.optim.AdamW(r.erasers.parameters(), lr=args.lr)
-    return r
-
-
-def unlearning_step(r, timer=no_timer):
-    """One optimizer step of steps 4-8 on a random batch of prompts; returns the loss terms."""
-    args, use_pre, use_loc = r.args, r.args.pres_weight > 0, r.args.loc_weight > 0
-    idx = torch.randint(0, len(r.cond), (args.batch_size,), generator=r.gen, device=r.gen.device)
-    with timer("x_t"):
-        x_t, t = r.xt.draw(idx)
-    # Preservation at the same x_t (METHOD.md's L_pre). Measured on the toy, c_pre at its own
-    # trajectories' x_t erased red in two-square scenes far less (docs/experiments.md, section 1).
-    c_pre = r.pre[idx] if use_pre else None
-    with timer("teacher and masks"):
-        # 5. Teacher velocities and the negatively guided target (Eq. 1)
-        v_cond, v_anchor, v_pre, attention = teacher_pass(r.transformer, r.state, x_t, t, r.cond[idx],
-                                                          r.anchor[idx], r.tokens[idx], r.static, c_pre)
-        target = negative_guidance_target(v_cond, v_anchor, args.eta)
-        # 6. Concept masks from the teacher's attention
-        masks = [concept_mask(a, r.grid, args.mask_threshold, r.has_concept[idx]) for a in attention]
-        del v_cond, v_anchor, attention
-    with timer("student forward and backward"):
-        # 7. Losses: L = L_unlearn + alpha * L_loc + beta * L_pre, backpropagated one term at a time (the
-        # gradient is the sum of the terms'), so that only one term's graph is alive at once.
-        r.opt.zero_grad(set_to_none=True)
-        loss_unlearn = unlearn_loss(student_pass(r.transformer, r.state, x_t, t, r.cond[idx], r.static,
-                                                 record=use_loc), target)
-        loss_unlearn.backward()
-        del target
-        loss_loc = localization_backward(r.transformer, masks, args.loc_weight) if use_loc else torch.zeros(())
-        loss_pre = torch.zeros(())
-        if use_pre:
-            loss_pre = preservation_loss(student_pass(r.transformer, r.state, x_t, t, c_pre, r.static), v_pre)
-            (args.pres_weight * loss_pre).backward()
-    with timer("optimizer"):
-        r.opt.step()
-    return dict(unlearn=loss_unlearn.item(), loc=float(loss_loc), pre=loss_pre.item())  # a GPU-CPU sync
+    def step(self, timer=no_timer):
+        """One optimizer step of steps 5-8; returns the loss terms. `timer(name)` times each part (bench.py)."""
+        args, use_pre, use_loc = self.args, self.args.pres_weight > 0, self.args.loc_weight > 0
+        idx = torch.randint(0, len(self.cond), (args.batch_size,), generator=self.gen, device=self.gen.device)
+        with timer("x_t"):  # 5. x_t: a random step of the batch's trajectories
+            x_t, t = self.xt.draw(idx)
+        # Preservation at the same x_t (METHOD.md's L_pre). Measured on the toy, c_pre at its own
+        # trajectories' x_t erased red in two-square scenes far less (docs/experiments.md, section 1).
+        c_pre = self.pre[idx] if use_pre else None
+        with timer("teacher and masks"):
+            # 6. Teacher velocities and the negatively guided target (Eq. 1)
+            v_cond, v_anchor, v_pre, attention = teacher_pass(self.transformer, self.state, x_t, t, self.cond[idx],
+                                                              self.anchor[idx], self.tokens[idx], self.static, c_pre)
+            target = negative_guidance_target(v_cond, v_anchor, args.eta)
+            # 7. Concept masks from the teacher's attention
+            masks = [concept_mask(a, self.grid, args.mask_threshold, self.has_concept[idx]) for a in attention]
+            del v_cond, v_anchor, attention
+        with timer("student forward and backward"):
+            # 8. L = L_unlearn + alpha * L_loc + beta * L_pre, backpropagated one term at a time (the gradient
+            # is the sum of the terms'), so that only one term's graph is alive at once.
+            self.opt.zero_grad(set_to_none=True)
+            loss_unlearn = unlearn_loss(student_pass(self.transformer, self.state, x_t, t, self.cond[idx],
+                                                     self.static, record=use_loc), target)
+            loss_unlearn.backward()
+            del target
+            loss_loc = localization_backward(self.transformer, masks, args.loc_weight) if use_loc else torch.zeros(())
+            loss_pre = torch.zeros(())
+            if use_pre:
+                loss_pre = preservation_loss(student_pass(self.transformer, self.state, x_t, t, c_pre, self.static),
+                                             v_pre)
+                (args.pres_weight * loss_pre).backward()
+        with timer("optimizer"):
+            self.opt.step()
+        return dict(unlearn=loss_unlearn.item(), loc=float(loss_loc), pre=loss_pre.item())  # a GPU-CPU sync
 
 
 def train(args, pipe, embeds, tokens, log=print, checkpoint=None):
     """Steps 4-8: the erasers trained for args.steps; returns them and the loss history.
 
-    `checkpoint(r, steps_done, history)` is called every args.checkpoint_every steps and on
-    Ctrl-C (at the end of the step under way). A non-finite loss stops the run at once.
+    `checkpoint(unlearning, steps_done, history)` is called every args.checkpoint_every steps and on Ctrl-C
+    (after the step under way); a non-finite loss stops the run at once (runs.run_steps).
     """
-    r = setup_training(args, pipe, embeds, tokens, log)
-    history, start = {"unlearn": [], "loc": [], "pre": []}, 0
+    u = Unlearning(args, pipe, embeds, tokens, log)
+    start, history = 0, {"unlearn": [], "loc": [], "pre": []}
     if args.resume:
-        start, history = restore_checkpoint(args.output_dir, result_settings(args), r.erasers, r.opt, r.gen)
+        start, history = restore_checkpoint(args.output_dir, result_settings(args), u.erasers, u.opt, u.gen)
         log(f"# 8. Resumed from the checkpoint at step {start}")
-    every = args.checkpoint_every or max(1, args.steps // 10)
     try:
-        with deferred_interrupt() as interrupted:
-            bar = tqdm(range(start, args.steps), desc="unlearning", initial=start, total=args.steps)
-            for step in bar:
-                losses = unlearning_step(r)
-                for name, value in losses.items():
-                    if not math.isfinite(value):
-                        raise UserError(f"step {step + 1}: the {name} loss is {value}; stopped, nothing saved as "
-                                        f"final, the last checkpoint stays in {args.output_dir} (try a lower --lr)")
-                    history[name].append(value)
-                bar.set_postfix({k: f"{v[-1]:.2e}" for k, v in history.items()})
-                if checkpoint and (interrupted or (step + 1) % every == 0 and step + 1 < args.steps):
-                    checkpoint(r, step + 1, history)
-                if interrupted:
-                    raise Interrupted(f"interrupted after step {step + 1} of {args.steps}; checkpoint saved in "
-                                      f"{args.output_dir}; continue with the same command and --resume")
+        run_steps(u.step, start, args.steps, history, args.checkpoint_every or max(1, args.steps // 10),
+                  checkpoint and functools.partial(checkpoint, u), args.output_dir)
     finally:
-        r.transformer.disable_gradient_checkpointing()
-    return r.erasers, history
+        u.transformer.disable_gradient_checkpointing()
+    return u.erasers, history
 
 
 def result_settings(args):
     """The settings that change the result: a run resumes only if they are as they were."""
     return {k: v for k, v in vars(args).items() if k not in ("output_dir", "overwrite", "device", "resume",
                                                               "checkpoint_every", "steps")}
+
 
 
 # -----------------------------------------------------------------------------
@@ -683,6 +677,7 @@ def check_output_dir(args):
         raise UserError(f"--output-dir {args.output_dir} already holds files; pass --overwrite or choose another")
 
 
+
 # -----------------------------------------------------------------------------
 # The method's outline
 
@@ -712,10 +707,10 @@ def main(argv=None):
     pipe.transformer.to(device)
     print(f"# 3. Encoded {2 * len(prompts) + len(preserved) + 1} prompts; freed the text encoder and the VAE")
 
-    # 4-8. x_t, teacher velocities, concept masks, losses and the training loop
-    def checkpoint(r, steps_done, history):  # the partial eraser too, usable (with a warning) meanwhile
-        save_checkpoint(args.output_dir, steps_done, history, result_settings(args), r.erasers, r.opt, r.gen)
-        save_eraser(args.output_dir, r.erasers, eraser_meta(args, pipe.transformer, steps_done, history, prompts))
+    # 4-8. The erasers, x_t, teacher velocities, concept masks, losses and AdamW, for --steps steps
+    def checkpoint(u, steps_done, history):  # the partial eraser too, usable (with a warning) meanwhile
+        save_checkpoint(args.output_dir, steps_done, history, result_settings(args), u.erasers, u.opt, u.gen)
+        save_eraser(args.output_dir, u.erasers, eraser_meta(args, pipe.transformer, steps_done, history, prompts))
     erasers, history = train(args, pipe, embeds, tokens, checkpoint=checkpoint)
 
     # 9. Save the eraser
