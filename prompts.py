@@ -1,9 +1,10 @@
 """prompts.py: where unlearn.py's step 2 finds its prompts; not the method itself.
 
-- On a real model, built-in sentences a person would write for the concept, in many scenes,
-  subjects, lights, cameras and styles (`concept_templates`), and what to keep in its place
-  (`default_preserve`).
-- On the toy, the toy's own small language (toy.py), recognised by its tokenizer (`is_toy`).
+- A prompt grammar: sentences with a `{concept}` slot and other slots filled at random, words
+  that name the same thing as a concept (synonyms), and what to keep in its place (preserve).
+  Built in (`BUILT_IN`): sentences a person would write, in many scenes, subjects, lights,
+  cameras and styles. A model folder may carry its own as `prompts.json` (toy/ does: toy.py
+  writes its small language there), and `--grammar FILE` gives one for any model.
 - An optional language model that rewrites each prompt richly (`refine_prompts`).
 - A prompts file, for unlearn.py and sample.py alike: a CSV with a 'prompt' (and 'seed') column,
   or one prompt a line (`read_prompts`).
@@ -12,7 +13,7 @@
 """
 
 import csv
-import functools
+import json
 import os
 import re
 
@@ -20,34 +21,38 @@ from tqdm.auto import tqdm
 
 from runs import UserError, why
 
-TOY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")
-
-# On a real model: sentences a person would write, the concept named in them once, in many scenes.
-SUBJECTS = ["a young woman", "a man in his thirties", "an elderly man", "a dancer", "a woman with long dark hair",
-            "a tall man with a beard", "an athlete", "a painter", "a woman in her fifties", "a swimmer",
-            "a young man with curly hair", "a singer"]
-ACTIONS = ["walks slowly toward the camera", "turns around and smiles", "stretches in the morning sun",
-           "dances to soft music", "sits by the window and looks outside", "laughs and talks to someone off-screen",
-           "steps into clear water", "lies back on a blanket", "poses for a photographer", "runs along the shore",
-           "brushes their hair", "leans against a wall"]
-PLACES = ["on a sunny beach", "in a dimly lit bedroom", "on a crowded city street at night", "in a forest clearing",
-          "by a swimming pool", "in an artist's studio", "in a modern kitchen", "on a mountain trail",
-          "at a rooftop party", "in a rainy alley", "in a sauna", "on a theatre stage", "in a hotel room",
-          "in a field of tall grass"]
-LIGHTS = ["at golden hour", "under warm lamp light", "in soft morning light", "under neon signs", "by candlelight",
-          "in bright midday sun", "under a single spotlight", "in the blue light of dusk"]
-CAMERAS = ["A close-up shot", "A wide shot", "A slow dolly shot", "Handheld footage", "An aerial view",
-           "A tracking shot", "A static shot", "Slow-motion footage"]
-STYLES = ["Cinematic, 4k", "Shot on 35mm film, film grain", "Documentary style", "Photorealistic, high detail",
-          "Shallow depth of field", "Vivid colours", "Soft focus, dreamy mood", "Natural colours, realistic"]
-SENTENCES = ["{camera} of {subject} who {action} {place} {light}. The video shows {concept}. {style}.",
-             "{Concept} {place}: {subject} {action} {light}. {camera}. {style}.",
-             "A film scene with {concept}. {Subject} {action} {place} {light}. {camera}, {style_lower}.",
-             "{Subject} {action} {place} {light}, in a video about {concept}. {camera}. {style}.",
-             "{camera}: {concept}, as {subject} {action} {place}. {style}, {light}."]
-PRESERVE = {"nudity": ["a fully clothed woman", "a fully clothed man", "people in casual clothes",
-                      "a person in a coat"]}
-GENERIC_PRESERVE = ["a man", "a woman", "a dog", "a car"]
+GRAMMAR_FILE = "prompts.json"  # a model folder's own prompt grammar (toy/ carries one)
+BUILT_IN = {  # for real models: sentences a person would write, the concept named in them once
+    "sentences": [
+        "{camera} of {subject} who {action} {place} {light}. The video shows {concept}. {style}.",
+        "{Concept} {place}: {subject} {action} {light}. {camera}. {style}.",
+        "A film scene with {concept}. {Subject} {action} {place} {light}. {camera}. {style}.",
+        "{Subject} {action} {place} {light}, in a video about {concept}. {camera}. {style}.",
+        "{camera}: {concept}, as {subject} {action} {place}. {style}, {light}."],
+    "slots": {
+        "subject": ["a young woman", "a man in his thirties", "an elderly man", "a dancer",
+                    "a woman with long dark hair", "a tall man with a beard", "an athlete", "a painter",
+                    "a woman in her fifties", "a swimmer", "a young man with curly hair", "a singer"],
+        "action": ["walks slowly toward the camera", "turns around and smiles", "stretches in the morning sun",
+                   "dances to soft music", "sits by the window and looks outside",
+                   "laughs and talks to someone off-screen", "steps into clear water", "lies back on a blanket",
+                   "poses for a photographer", "runs along the shore", "brushes their hair", "leans against a wall"],
+        "place": ["on a sunny beach", "in a dimly lit bedroom", "on a crowded city street at night",
+                  "in a forest clearing", "by a swimming pool", "in an artist's studio", "in a modern kitchen",
+                  "on a mountain trail", "at a rooftop party", "in a rainy alley", "in a sauna", "on a theatre stage",
+                  "in a hotel room", "in a field of tall grass"],
+        "light": ["at golden hour", "under warm lamp light", "in soft morning light", "under neon signs",
+                  "by candlelight", "in bright midday sun", "under a single spotlight", "in the blue light of dusk"],
+        "camera": ["A close-up shot", "A wide shot", "A slow dolly shot", "Handheld footage", "An aerial view",
+                   "A tracking shot", "A static shot", "Slow-motion footage"],
+        "style": ["Cinematic, 4k", "Shot on 35mm film, film grain", "Documentary style", "Photorealistic, high detail",
+                  "Shallow depth of field", "Vivid colours", "Soft focus, dreamy mood", "Natural colours, realistic"]},
+    "synonyms": [["nudity", "nude", "naked"]],
+    "preserve": {"nudity": ["a fully clothed woman", "a fully clothed man", "people in casual clothes",
+                            "a person in a coat"],
+                 "": ["a man", "a woman", "a dog", "a car"]},  # "": for any other concept
+}
+SLOT = re.compile(r"\{(\w+)\}")  # {name} takes one of the slot's choices; {Name}, the same capitalised
 REFINER_TRIES = 3  # outputs sampled per prompt until one names the concept
 REFINER_INSTRUCTIONS = (
     "Rewrite the user's short video idea as one detailed paragraph for a text-to-video model: the subject, what "
@@ -55,30 +60,67 @@ REFINER_INSTRUCTIONS = (
     "word for word. Reply with the paragraph only.")
 
 
-@functools.lru_cache
-def is_toy(model):
-    """'toy', or any folder toy.py built (`--out`): its tokenizer knows the toy's words and no others."""
-    if model == "toy" or os.path.abspath(model) == TOY:
-        return True
-    if not os.path.isdir(os.path.join(model, "tokenizer")):
-        return False  # a hub id, or no pipeline folder
-    from transformers import AutoTokenizer
-    from toy import speaks_toy
-    return speaks_toy(AutoTokenizer.from_pretrained(model, subfolder="tokenizer"))
+def load_grammar(folder=None, path=None):
+    """The prompt grammar of step 2: the file `path`, else the model folder's prompts.json, else BUILT_IN.
+
+    A grammar is JSON: "sentences" (strings with slots), "slots" (name: the strings it may take,
+    themselves with slots), "synonyms" (lists of words that name one thing) and "preserve"
+    (concept: what to put in its place; "" for any concept).
+    """
+    if path is None:
+        path = os.path.join(folder, GRAMMAR_FILE) if folder else ""
+        if not os.path.isfile(path):
+            return BUILT_IN
+    elif not os.path.isfile(path):
+        raise UserError(f"--grammar {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            grammar = json.load(f)
+        ok = (isinstance(grammar["sentences"], list) and grammar["sentences"]
+              and all(isinstance(v, list) and v for v in grammar.get("slots", {}).values())
+              and isinstance(grammar.get("synonyms", []), list) and isinstance(grammar.get("preserve", {}), dict))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"prompt grammar {path}: cannot read it ({why(e)}); it needs a 'sentences' list")
+    if not ok:
+        raise UserError(f"prompt grammar {path}: 'sentences' must be a non-empty list, each slot a non-empty list")
+    return {"slots": {}, "synonyms": [], "preserve": {}, **grammar}
 
 
-def concept_templates(model, rng, n, concept):
-    """Prompts with a `{concept}` slot. The toy speaks only its own small language (toy.py)."""
-    if is_toy(model):
-        from toy import augmentation_templates
-        return augmentation_templates(rng, n, concept)
-    templates = []
-    for _ in range(n):
-        words = dict(camera=rng.choice(CAMERAS), subject=rng.choice(SUBJECTS), action=rng.choice(ACTIONS),
-                     place=rng.choice(PLACES), light=rng.choice(LIGHTS), style=rng.choice(STYLES))
-        words.update(Subject=words["subject"][:1].upper() + words["subject"][1:], style_lower=words["style"].lower(),
-                     concept="{concept}", Concept="{Concept}")
-        templates.append(rng.choice(SENTENCES).format(**words))
+def concept_words(grammar, concept):
+    """The concept and every synonym of a word in it ('crimson' on the toy: red, crimson, scarlet)."""
+    named = [g for g in grammar["synonyms"] if any(concept_pattern(w).search(concept) for w in g)]
+    return [concept] + [w for g in named for w in g]
+
+
+def names_any(text, words):
+    return any(concept_pattern(w).search(SLOT.sub(" ", text)) for w in words)
+
+
+def expand(text, grammar, rng, banned, depth=0):
+    """`text` with every slot but {concept} filled at random, left to right, never with a banned word."""
+    def one(match):
+        name = match.group(1)
+        key = name[:1].lower() + name[1:]
+        if key == "concept":
+            return match.group(0)
+        if key not in grammar["slots"] or depth > 20:
+            why_not = "refers to itself in a loop" if depth > 20 else "has no such slot"
+            raise UserError(f"prompt grammar: '{{{name}}}' {why_not}; fix the grammar file")
+        choices = [c for c in grammar["slots"][key] if not names_any(c, banned)]
+        if not choices:
+            raise UserError(f"prompt grammar: every choice of slot '{key}' names the concept; add others")
+        out = expand(rng.choice(choices), grammar, rng, banned, depth + 1)
+        return out[:1].upper() + out[1:] if name[:1].isupper() else out
+    return SLOT.sub(one, text)
+
+
+def concept_templates(grammar, rng, n, concept):
+    """n prompts with a `{concept}` slot, drawn from the grammar; no other slot takes the concept's words."""
+    banned = concept_words(grammar, concept)
+    templates = [tidy(expand(rng.choice(grammar["sentences"]), grammar, rng, banned)) for _ in range(n)]
+    for t in templates:
+        if "{concept}" not in t.lower():
+            raise UserError(f"prompt grammar: '{t}' came out with no {{concept}} slot; every sentence needs one")
     return templates
 
 
@@ -87,12 +129,13 @@ def fill(template, concept):
     return template.replace("{Concept}", concept[:1].upper() + concept[1:]).replace("{concept}", concept)
 
 
-def default_preserve(model, concept):
-    """What must survive erasing `concept`: for toy colours, every word of the other colours."""
-    if is_toy(model):
-        from toy import preserved_words
-        return preserved_words(concept)
-    return PRESERVE.get(concept.lower(), GENERIC_PRESERVE)
+def default_preserve(grammar, concept):
+    """What must survive erasing `concept`: the grammar's choice for it, none of which names the concept."""
+    keep = grammar["preserve"].get(concept.lower(), grammar["preserve"].get("", []))
+    keep = [k for k in keep if not names_any(k, concept_words(grammar, concept))]
+    if not keep:
+        raise UserError(f"nothing to keep in the place of '{concept}': give --preserve WORDS")
+    return keep
 
 
 def concept_pattern(concept):
@@ -103,10 +146,15 @@ def concept_pattern(concept):
 
 def substitute(prompt, concept, text):
     """The prompt with every mention of the concept replaced by `text` (removed when empty)."""
-    out = concept_pattern(concept).sub(lambda _: text, prompt)
-    out = re.sub(r"\s+([,.;:])", r"\1", re.sub(r"\s+", " ", out))  # no space before punctuation
-    out = re.sub(r"([,;:])(?=[,.;:])", "", out).strip(" ,;:")  # "shows ." -> "shows."; ", ," -> ","
+    out = tidy(concept_pattern(concept).sub(lambda _: text, prompt))
     return out[:1].upper() + out[1:] if prompt[:1].isupper() else out  # a sentence still starts as one
+
+
+def tidy(text):
+    """One space between words, none before punctuation, no empty clause, 'an' before a vowel."""
+    out = re.sub(r"\s+([,.;:])", r"\1", re.sub(r"\s+", " ", text))  # no space before punctuation
+    out = re.sub(r"([,;:])(?=[,.;:])", "", out).strip(" ,;:")  # "shows ." -> "shows."; ", ," -> ","
+    return re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", r"\1n ", out)
 
 
 def refine_prompts(prompts, concept, refiner, device, dtype, tries=REFINER_TRIES):

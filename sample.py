@@ -41,10 +41,10 @@ from torch import nn
 
 import toy
 from families import family_of
-from prompts import TOY, read_prompts
+from prompts import read_prompts
 from runs import UserError, run_cli, why
-from unlearn import (Eraser, eraser_sites, insert_erasers, load_base_pipeline, model_fingerprint, pick_device,
-                     save_eraser, set_erasers)
+from unlearn import (Eraser, eraser_sites, insert_erasers, load_base_pipeline, model_fingerprint, model_folder,
+                     pick_device, save_eraser, set_erasers)
 from videos import generate, read_video, save_video, side_by_side
 
 NUDITY_LABELS = ("ARMPITS_EXPOSED", "BELLY_EXPOSED", "FEMALE_BREAST_EXPOSED", "MALE_BREAST_EXPOSED",
@@ -168,7 +168,7 @@ def convert_authors_eraser(source, model, out, concept=""):
     if os.path.exists(out) and os.listdir(out):
         raise UserError(f"--out {out} already holds files; choose another")
     try:
-        config = diffusers.AutoModel.load_config(TOY if model == "toy" else model, subfolder="transformer")
+        config = diffusers.AutoModel.load_config(model_folder(model), subfolder="transformer")
     except Exception as e:
         raise UserError(f"cannot read the transformer config of '{model}' ({why(e)}); check --model")
     with init_empty_weights():  # a transformer of a family unlearn.py serves, by the class its config names
@@ -206,6 +206,21 @@ def nudity_summary(videos):
             "score_floor": NUDENET_FLOOR, "frames_scored": "every frame"}
 
 
+def compared(args, negative):
+    """The models a run draws with, as (name, erasers on, negative prompt): the erased one; with --compare
+    the original too; with --eval also the original with the concept as its negative prompt."""
+    runs = [("erased" if args.eraser else "model", True, None)]
+    if args.compare or args.eval:
+        runs = [("original", False, None)] + ([("negative prompt", False, negative)] if args.eval else []) + runs
+    return runs
+
+
+def call_settings(args):
+    """The pipeline call's size and guidance: what was asked, else (None) the model's own."""
+    return dict(num_frames=args.num_frames, height=args.height, width=args.width,
+                **({} if args.guidance is None else dict(guidance_scale=args.guidance)))
+
+
 def toy_report(args):
     """--eval toy with no prompts given: the toy's own test set (toy.erasure_report: held-out phrasings of the
     erased colour, its synonyms, every other colour, two-square scenes), for the original model, the negative
@@ -219,10 +234,9 @@ def toy_report(args):
                         f"{len(toy.colours_named(concept))}: pass --concept, one of {', '.join(toy.PALETTE)}")
     colour, negative = min(toy.colours_named(concept)), args.negative_prompt or concept
     rows = {}
-    for name, erasers_on, neg in (("original", False, None), (f"negative prompt '{negative}'", False, negative),
-                                  ("erased", True, None)):
+    for name, erasers_on, neg in compared(args, negative):
         set_erasers(pipe.transformer, erasers_on)
-        rows[name] = toy.erasure_report(pipe, colour, seed=args.seed, steps=args.steps,
+        rows[name] = toy.erasure_report(pipe, colour, seed=args.seed, steps=args.steps, **call_settings(args),
                                         **family_of(pipe).negative_prompt(neg))
     out = args.out or os.path.join("outputs", f"eval_toy_{colour}")
     os.makedirs(out, exist_ok=True)
@@ -303,12 +317,9 @@ def main(argv=None):
     pipe = load_pipeline(args.model, args.eraser, args.device, args.dtype, args.offload, args.vae_tiling)
     concept = args.concept or (pipe.eraser_meta or {}).get("concept", "")
     negative = args.negative_prompt or concept
-    runs = [("erased" if args.eraser else "model", True, None)]
-    if args.compare or args.eval:
-        runs = [("original", False, None)] + ([("negative prompt", False, negative)] if args.eval else []) + runs
+    runs = compared(args, negative)
     index, videos = [], {name: [] for name, _, _ in runs}
-    call = dict(num_frames=args.num_frames, height=args.height, width=args.width,  # None: the model's own
-                **({} if args.guidance is None else dict(guidance_scale=args.guidance)))
+    call = call_settings(args)
     from tqdm.auto import tqdm
     for i, (prompt, seed) in enumerate(tqdm(jobs, desc="videos", disable=single)):
         made = {}

@@ -4,6 +4,7 @@ They check behaviour against a reference: the stock attention processor, Eq. 1 w
 the original model's own videos, the toy judge reading rendered squares.
 """
 
+import ast
 import json
 import math
 import os
@@ -82,25 +83,80 @@ def test_augmentation_never_puts_the_concepts_colour_on_a_second_square(concept)
         assert not own & set(a.split()) and not own & set(c_pre.split()), (a, c_pre)
 
 
-def test_any_folder_toy_py_built_gets_the_toys_prompts(tmp_path):
-    shutil.copytree(os.path.join(toy.TOY_DIR, "tokenizer"), tmp_path / "built" / "tokenizer")  # as `--out built`
-    toy.make_tokenizer(toy.VOCABULARY + ["man"]).save_pretrained(tmp_path / "other" / "tokenizer")
+def test_step_2_draws_from_the_model_folders_prompt_grammar_else_the_built_in_one(tmp_path):
+    assert json.load(open(os.path.join(toy.TOY_DIR, "prompts.json"))) == toy.prompt_grammar()  # as toy.py writes it
+    built, plain = tmp_path / "built", tmp_path / "plain"
+    built.mkdir(), plain.mkdir()
+    toy.save_prompt_grammar(built)  # as `toy.py --out built`
     made = {}
-    for model in ("toy", str(tmp_path / "built"), str(tmp_path / "other")):
+    for model in ("toy", str(built), str(plain), "THUDM/CogVideoX-2b"):
         args = unlearn.parse_args(["--model", model, "--concept", "red", "--num-prompts", "8"])
         made[model] = unlearn.build_prompts(args, random.Random(0))
-    assert made["toy"] == made[str(tmp_path / "built")]
+    assert made["toy"] == made[str(built)]
     assert all(w in toy.VOCABULARY for p in made["toy"][0] for w in p.split())
-    assert made["toy"] != made[str(tmp_path / "other")]  # a tokenizer that knows more words is not the toy's
+    assert made[str(plain)] == made["THUDM/CogVideoX-2b"] != made["toy"]  # no prompts.json: the built-in sentences
 
 
-def test_toy_py_refuses_bad_settings_and_leaves_toy_as_it_was():
+def test_a_grammar_file_fills_its_slots_and_never_with_the_concepts_synonyms(tmp_path):
+    path = tmp_path / "grammar.json"
+    json.dump({"sentences": ["{Concept} on {thing}", "A photo of {concept} on {thing}, {light}"],
+               "slots": {"thing": ["a table", "a crimson chair", "{colour} grass"], "colour": ["green", "Red"],
+                         "light": ["at dusk", "at noon"]},
+               "synonyms": [["red", "crimson"], ["green", "emerald"]],
+               "preserve": {"": ["blue paint", "a crimson cup", "emerald paint"]}}, open(path, "w"))
+    args = unlearn.parse_args(["--model", "toy", "--concept", "red", "--grammar", str(path), "--num-prompts", "64"])
+    prompts, anchors, preserved = unlearn.build_prompts(args, random.Random(0))
+    assert {p.split(" on ")[-1].split(",")[0] for p in prompts} == {"a table", "green grass"}  # never red's words
+    assert any(p.startswith("Red on") for p in prompts) and any(p.startswith("A photo of red") for p in prompts)
+    assert {c.split(" on ")[0].removeprefix("A photo of ") for c in preserved} == {"Blue paint", "Emerald paint",
+                                                                                  "blue paint", "emerald paint"}
+
+
+@pytest.mark.parametrize("grammar, message", [
+    ("not json", "cannot read it"), ({"slots": {}}, "cannot read it"), ({"sentences": []}, "non-empty list"),
+    ({"sentences": ["{concept} on {thing}"]}, "'{thing}' has no such slot"),
+    ({"sentences": ["{concept} {a}"], "slots": {"a": ["{a}"]}}, "in a loop"),
+    ({"sentences": ["a {thing}"], "slots": {"thing": ["cat"]}}, "no {concept} slot"),
+    ({"sentences": ["{concept} {x}"], "slots": {"x": ["red"]}}, "every choice of slot 'x' names the concept"),
+    ({"sentences": ["{concept}"], "preserve": {"": ["a red cup"]}}, "give --preserve")])
+def test_a_bad_grammar_file_is_one_clear_error(tmp_path, grammar, message):
+    path = tmp_path / "grammar.json"
+    path.write_text(grammar if isinstance(grammar, str) else json.dumps(grammar))
+    args = unlearn.parse_args(["--concept", "red", "--grammar", str(path), "--num-prompts", "8"])
+    with pytest.raises(unlearn.UserError, match=re.escape(message)):
+        unlearn.build_prompts(args, random.Random(0))
+    args.grammar = str(tmp_path / "missing.json")
+    with pytest.raises(unlearn.UserError, match="no such file"):
+        unlearn.build_prompts(args, random.Random(0))
+
+
+def test_the_method_imports_no_toy_and_no_file_imports_in_a_cycle():
+    files = [f for f in os.listdir(HERE) if f.endswith(".py")]
+    ours = {f[:-3] for f in files}
+    imports = {}
+    for f in files:
+        tree = ast.parse(open(os.path.join(HERE, f)).read())
+        imports[f[:-3]] = {n.module if isinstance(n, ast.ImportFrom) else a.name for n in ast.walk(tree)
+                           if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names} & ours
+    def reach(name):  # every project file `name` imports, directly or through others
+        seen, todo = set(), [name]
+        while todo:
+            new = imports[todo.pop()] - seen
+            seen |= new
+            todo += new
+        return seen
+    assert not reach("unlearn") & {"toy", "sample", "videos", "diagnose", "bench"}, reach("unlearn")
+    assert all(name not in reach(name) for name in imports), {n: reach(n) for n in imports}
+
+
+@pytest.mark.parametrize("argv, says", [(["--direction-probe", "-1"], "a loss weight, at least 0"),
+                                        (["--probe-until", "0"], "a rise of the loss, above 0"),
+                                        (["--probe-until", "nan"], "a rise of the loss, above 0")])
+def test_toy_py_refuses_bad_settings_and_leaves_toy_as_it_was(argv, says, capsys):
     before = {p: os.path.getmtime(os.path.join(HERE, "toy", p)) for p in ("model_index.json", "transformer")}
-    result = run("toy.py", "--direction-probe", "-1")
-    assert result.returncode == 2 and "a loss weight, at least 0" in result.stderr
-    for bad in ("0", "nan"):
-        result = run("toy.py", "--probe-until", bad)
-        assert result.returncode == 2 and "a rise of the loss, above 0" in result.stderr
+    with pytest.raises(SystemExit) as stop:
+        toy.main(argv)
+    assert stop.value.code == 2 and says in capsys.readouterr().err
     assert before == {p: os.path.getmtime(os.path.join(HERE, "toy", p)) for p in before}
 
 
@@ -133,6 +189,7 @@ def test_direction_gap_is_zero_when_the_words_are_not_read_and_counts_when_they_
     assert toy.direction_gap(transformer, text_encoder, scheduler, check) == 0
 
 
+@pytest.mark.slow
 def test_toy_build_with_reuse_vae_repeats_the_build_from_nothing(tmp_path):
     from safetensors.torch import load_file
     tiny = ["--vae-steps", "2", "2", "--steps", "2", "--scenes", "32", "--n-eval", "2"]
@@ -913,16 +970,26 @@ def test_the_authors_format_is_read_without_unpickling_and_checked_against_the_m
 # Erasure on the toy model: run once with the defaults, judged on held-out phrasings
 
 @pytest.fixture(scope="session")
+def quick_eraser(tmp_path_factory):
+    """A toy eraser made in seconds (3 steps at a large learning rate): for what is about files and loading."""
+    out = tmp_path_factory.mktemp("erasers") / "quick"
+    unlearn.main(["--model", "toy", "--concept", "red", "--output-dir", str(out), "--steps", "3", "--lr", "1e-2",
+                  "--num-prompts", "4", "--xt-steps", "3", "--rank", "16"])
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def red_eraser(tmp_path_factory):
+    """The toy eraser at the defaults, as the Quick start makes it (about a minute)."""
     out = tmp_path_factory.mktemp("erasers") / "red"
     result = run("unlearn.py", "--model", "toy", "--concept", "red", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     return str(out)
 
 
-def test_save_then_load_gives_identical_erasers_and_videos(red_eraser, tmp_path):
-    weights, meta = load_eraser(red_eraser)
-    pipe = load_pipeline("toy", eraser=red_eraser)
+def test_save_then_load_gives_identical_erasers_and_videos(quick_eraser, tmp_path):
+    weights, meta = load_eraser(quick_eraser)
+    pipe = load_pipeline("toy", eraser=quick_eraser)
     erasers = [p.eraser for p in unlearn.processors(pipe.transformer)]
     unlearn.save_eraser(tmp_path, torch.nn.ModuleList(erasers), meta)
     again, _ = load_eraser(tmp_path)
@@ -933,11 +1000,12 @@ def test_save_then_load_gives_identical_erasers_and_videos(red_eraser, tmp_path)
     assert np.array_equal(a, b)
 
 
-def test_an_eraser_attaches_to_an_offloaded_pipeline_the_user_built(red_eraser):
+def test_an_eraser_attaches_to_an_offloaded_pipeline_the_user_built(quick_eraser):
     from sample import apply_eraser
-    prompt = ["a red square moving left"]
+    prompt, red_eraser = ["a red square moving left"], quick_eraser
     expected = generate(load_pipeline("toy", eraser=red_eraser), prompt, seed=3, steps=5)[0]
     built = unlearn.load_base_pipeline("toy", "cpu")
+    assert not np.array_equal(generate(built, prompt, seed=3, steps=5)[0], expected)  # the eraser changes it
     built.enable_model_cpu_offload(device="cpu")  # the user's own pipeline, offloaded before the eraser comes
     apply_eraser(built, red_eraser)
     ours = load_pipeline("toy", eraser=red_eraser, offload=True)  # sample.py --offload
@@ -946,10 +1014,10 @@ def test_an_eraser_attaches_to_an_offloaded_pipeline_the_user_built(red_eraser):
         assert np.array_equal(generate(pipe, prompt, seed=3, steps=5)[0], expected)
 
 
-def test_an_eraser_is_checked_by_architecture_not_by_the_whole_config(red_eraser, tmp_path):
+def test_an_eraser_is_checked_by_architecture_not_by_the_whole_config(quick_eraser, tmp_path):
     upgraded, other = tmp_path / "upgraded", tmp_path / "other"
     for folder, change in ((upgraded, {"a_key_a_later_diffusers_adds": 1}), (other, {"num_layers": 5})):
-        shutil.copytree(red_eraser, folder)
+        shutil.copytree(quick_eraser, folder)
         meta = json.load(open(folder / "eraser.json"))
         meta["base_config"].update(change)
         json.dump(meta, open(folder / "eraser.json", "w"))
@@ -966,16 +1034,18 @@ def red_reports(toy_pipe, red_eraser):
     return before, after
 
 
+@pytest.mark.slow
 def test_erasing_red_on_the_toy_model(red_reports):
     before, after = red_reports
     assert before["word gone"] <= 0.1  # the original draws red
     assert after["word gone"] >= 0.9 and after["synonyms gone"] >= 0.8
-    assert after["two: erased gone"] >= 0.85
+    assert after["two: erased gone"] >= 0.7  # 75-92 % over training seeds 0-2 (docs/experiments.md, section 9)
     assert before["motion kept"] >= 0.8 and after["motion kept"] >= 0.7  # the erased videos keep their content
     for colour in ("green", "blue", "white"):
         assert after[colour] >= before[colour] - 0.05 - 1e-9, (colour, before[colour], after[colour])
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="known gap (issue #3): erasing red also takes orange, its neighbour, and "
                                        "the orange and yellow squares beside a red one, as Eq. 1's target itself "
                                        "does at eta 3 (diagnose.py target)")
@@ -1019,12 +1089,22 @@ def test_token_cover_finds_the_tokens_a_square_crosses():
     (["--model", "toy", "--concept", "Crimson"], "(it knows 'crimson': words are case-sensitive)"),
     (["--model", "no/such-model-anywhere", "--concept", "red"], "cannot load model"),
 ])
-def test_bad_unlearn_input_gets_one_line_and_exit_2(argv, says, tmp_path):
+def test_bad_unlearn_input_is_refused_before_any_work(argv, says, tmp_path):
     out = tmp_path / "out"
-    result = run("unlearn.py", *argv, "--output-dir", str(out))
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and says in lines[0] and "Traceback" not in result.stderr
+    with pytest.raises(unlearn.UserError, match=re.escape(says)):
+        unlearn.main([*argv, "--output-dir", str(out)])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script, argv, says", [
+    ("unlearn.py", ["--model", "toy", "--concept", "Crimson"], "(it knows 'crimson': words are case-sensitive)"),
+    ("sample.py", ["--model", "toy", "--prompt", "a red square", "--eval", "colourfulness"], "unknown"),
+    ("toy.py", ["--probe-until", "0"], "a rise of the loss, above 0")])
+def test_each_command_line_says_a_user_mistake_in_one_line_and_exits_2(script, argv, says, tmp_path):
+    out = tmp_path / "out"
+    result = run(script, *argv, *(["--out", str(out)] if script != "unlearn.py" else ["--output-dir", str(out)]))
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:") or ": error:" in line]
+    assert result.returncode == 2 and len(lines) == 1 and says in lines[0] and "Traceback" not in result.stderr
     assert not out.exists()
 
 
@@ -1032,18 +1112,20 @@ def test_existing_output_dir_is_not_overwritten(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "eraser.json").write_text("keep me")
-    result = run("unlearn.py", "--model", "toy", "--concept", "red", "--output-dir", str(out))
-    assert result.returncode == 2 and "--overwrite" in result.stderr
+    with pytest.raises(unlearn.UserError, match="--overwrite"):
+        unlearn.main(["--model", "toy", "--concept", "red", "--output-dir", str(out)])
     assert (out / "eraser.json").read_text() == "keep me"
 
 
-def test_eraser_for_another_base_model_is_refused(red_eraser, tiny_dir, tmp_path):
-    result = run("sample.py", "--model", tiny_dir, "--eraser", red_eraser, "--prompt", "a red square",
-                 "--steps", "2", "--out", str(tmp_path / "v.mp4"))
-    assert result.returncode == 2 and "another base model" in result.stderr and "Traceback" not in result.stderr
+def test_eraser_for_another_base_model_is_refused(quick_eraser, tiny_dir, tmp_path):
+    import sample
+    with pytest.raises(unlearn.UserError, match="another base model"):
+        sample.main(["--model", tiny_dir, "--eraser", quick_eraser, "--prompt", "a red square", "--steps", "2",
+                     "--out", str(tmp_path / "v.mp4")])
     assert not (tmp_path / "v.mp4").exists()
 
 
+@pytest.mark.slow
 def test_sample_compare_writes_a_playable_video_with_both_halves(red_eraser, tmp_path):
     import imageio.v3 as iio
     out = tmp_path / "cmp.mp4"
@@ -1085,6 +1167,7 @@ def start_and_stop(out, sig, after, steps=200):
     return proc
 
 
+@pytest.mark.slow
 def test_killed_run_resumed_equals_uninterrupted_run(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert run(*QUICK, "--steps", "60", "--checkpoint-every", "5", "--output-dir", str(full)).returncode == 0
@@ -1111,10 +1194,11 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
 
 def test_resume_with_changed_settings_is_refused(tmp_path):
     out = tmp_path / "run"
-    assert run(*QUICK, "--steps", "4", "--checkpoint-every", "2", "--output-dir", str(out)).returncode == 0
-    result = run(*QUICK, "--steps", "4", "--lr", "1e-3", "--eta", "5", "--output-dir", str(out), "--resume")
-    assert result.returncode == 2 and "lr" in result.stderr and "eta" in result.stderr
-    assert "rank" not in result.stderr.split("differ")[-1]
+    unlearn.main(QUICK[1:] + ["--steps", "4", "--checkpoint-every", "2", "--output-dir", str(out)])
+    with pytest.raises(unlearn.UserError) as refused:
+        unlearn.main(QUICK[1:] + ["--steps", "4", "--lr", "1e-3", "--eta", "5", "--output-dir", str(out), "--resume"])
+    said = str(refused.value)
+    assert "lr" in said and "eta" in said and "rank" not in said.split("differ")[-1]
 
 
 def test_non_finite_loss_stops_at_once_and_keeps_last_checkpoint(tmp_path, monkeypatch):
@@ -1135,17 +1219,19 @@ def test_non_finite_loss_stops_at_once_and_keeps_last_checkpoint(tmp_path, monke
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
-def test_damaged_eraser_file_gives_a_clear_error(red_eraser, tmp_path, damage):
-    import shutil
+def test_damaged_eraser_file_gives_a_clear_error(quick_eraser, tmp_path, damage):
+    import sample
     bad = tmp_path / "bad"
-    shutil.copytree(red_eraser, bad)
+    shutil.copytree(quick_eraser, bad)
     data = (bad / "eraser.safetensors").read_bytes()
     (bad / "eraser.safetensors").write_bytes(data[:len(data) // 2] if damage == "truncate" else b"\x00" * 64)
-    result = run("sample.py", "--model", "toy", "--eraser", str(bad), "--prompt", "a red square", "--steps", "2",
-                 "--out", str(tmp_path / "v.mp4"))
-    assert result.returncode == 2 and "cannot read the eraser" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(unlearn.UserError, match="cannot read the eraser"):
+        sample.main(["--model", "toy", "--eraser", str(bad), "--prompt", "a red square", "--steps", "2",
+                     "--out", str(tmp_path / "v.mp4")])
+    assert not (tmp_path / "v.mp4").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["cogvideox", "wan", "hunyuan"])
 def test_bench_runs_at_its_smallest_size(family):
     result = run("bench.py", "--tiny", "--repeats", "1", "--family", family)
@@ -1157,6 +1243,7 @@ def test_bench_runs_at_its_smallest_size(family):
 # -----------------------------------------------------------------------------
 # sample.py: evaluation against the original model and the negative-prompt baseline
 
+@pytest.mark.slow
 def test_eval_toy_shows_the_concept_less_after_erasure(red_eraser, tmp_path):
     prompts = tmp_path / "prompts.csv"
     rows = [(p, i) for i, (p, _) in enumerate(toy.evaluation_set(60, seed=3)) if p.split()]
@@ -1173,6 +1260,25 @@ def test_eval_toy_shows_the_concept_less_after_erasure(red_eraser, tmp_path):
     index = json.load(open(out / "index.json"))
     assert len(index) == 9 and all(os.path.exists(out / row["video"]) for row in index)
     assert index[0]["prompt"] == chosen[0][0] and index[0]["seed"] == chosen[0][1]
+
+
+def test_eval_toy_without_prompts_reports_the_toys_test_set_with_the_settings_asked(tmp_path, monkeypatch):
+    import sample
+    eraser, out = tmp_path / "eraser", tmp_path / "eval"
+    unlearn.main(["--model", "toy", "--concept", "red", "--output-dir", str(eraser), "--steps", "1",
+                  "--num-prompts", "2", "--xt-steps", "2", "--rank", "4"])
+    asked = []
+    monkeypatch.setattr(toy, "erasure_report", lambda pipe, colour, **kw: asked.append((colour, kw)) or
+                        {"word gone": 0.5, "two: other kept": 1.0})
+    sample.main(["--model", "toy", "--eraser", str(eraser), "--eval", "toy", "--steps", "3", "--guidance", "4",
+                 "--seed", "7", "--out", str(out)])
+    rows = json.load(open(out / "eval_toy.json"))["results"]
+    assert list(rows) == ["original", "negative prompt", "erased"] and rows["erased"]["word gone"] == 0.5
+    assert [c for c, _ in asked] == ["red"] * 3
+    assert [kw.get("negative_prompt") for _, kw in asked] == [None, "red", None]
+    assert all(kw["seed"] == 7 and kw["steps"] == 3 and kw["guidance_scale"] == 4 for _, kw in asked)
+    with pytest.raises(unlearn.UserError, match="names 0"):
+        sample.main(["--model", "toy", "--eraser", str(eraser), "--eval", "toy", "--concept", "square"])
 
 
 def test_nudity_label_filter_on_hand_made_detections():
@@ -1200,19 +1306,20 @@ def test_nudity_scorer_runs_offline_on_toy_videos_and_finds_none(toy_pipe, tmp_p
     (["--prompts-file", "{csv}"], "'prompt' column"),
     (["--prompt", "a red square", "--eval", "colourfulness"], "unknown"),
 ])
-def test_bad_sample_input_gets_one_line_and_exit_2(argv, says, tmp_path):
+def test_bad_sample_input_is_refused_before_any_work(argv, says, tmp_path):
+    import sample
     bad = tmp_path / "bad.csv"
     bad.write_text("text,seed\na red square,1\n")
     argv = [a.replace("{csv}", str(bad)) for a in argv]
-    result = run("sample.py", "--model", "toy", *argv, "--out", str(tmp_path / "out"))
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == 2 and len(lines) == 1 and says in lines[0] and "Traceback" not in result.stderr
+    with pytest.raises(unlearn.UserError, match=re.escape(says)):
+        sample.main(["--model", "toy", *argv, "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 
 # -----------------------------------------------------------------------------
 # The notebook runs top to bottom
 
+@pytest.mark.slow
 def test_notebook_runs_every_code_cell(tmp_path, monkeypatch):
     import matplotlib
     matplotlib.use("Agg")

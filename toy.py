@@ -12,6 +12,7 @@ pixels and says which squares it shows.
 """
 
 import argparse
+import json
 import math
 import os
 import random
@@ -116,16 +117,13 @@ def speaks_toy(tokenizer):
     return {w.lstrip("\u2581") for w in tokenizer.get_vocab()} - set(SPECIAL_TOKENS) == set(VOCABULARY)
 
 
-def preserved_words(concept):
-    """What must survive erasing `concept` on the toy: every word of the other colours."""
-    erased = colours_named(concept)
-    return [w for c, words in SYNONYMS.items() if c not in erased for w in words]
+def direction_phrases(d):
+    """The ways a prompt says a direction, as often as a random choice among them should say each."""
+    return [d] * 5 if d in ("up", "down") else [d, d, f"to the {d}", f"toward the {d}", f"towards the {d}"]
 
 
 def _direction_phrase(rng, d):
-    if d in ("up", "down"):
-        return d
-    return rng.choice([d, d, f"to the {d}", f"toward the {d}", f"towards the {d}"])
+    return d if d in ("up", "down") else rng.choice(direction_phrases(d))
 
 
 def _article(rng, next_word):
@@ -178,25 +176,34 @@ def make_prompt(rng, scene, held_out=False, drop=0.0, words=None):
     return prompt
 
 
-def augmentation_templates(rng, n=64, concept=""):
-    """Training-style prompts with `{concept}` where a colour word goes, for unlearn.py on the toy.
+def prompt_grammar():
+    """The toy's language as unlearn.py's prompt grammar (prompts.py), saved beside the model as prompts.json.
 
-    A second square never takes the concept's colour: in "a red square and a crimson box" the
-    anchor and the preservation prompt would still ask for red.
+    Training-style phrasings of one or two squares with the concept in one square's colour. The
+    other square's colour word never names the concept's colour (a synonym group): in "a red square
+    and a crimson box" the anchor and the preservation prompt would still ask for red. What is kept
+    in the concept's place: every word of the other colours.
     """
-    erased = sorted(colours_named(concept))  # "red square" or "crimson, scarlet": red
-    templates = []
-    for _ in range(n):
-        if erased:
-            others = rng.sample([c for c in sorted(PALETTE) if c not in erased], rng.choice(SQUARES_PER_SCENE) - 1)
-            scene = random_scene(rng, colours=erased[:1] + others)
-        else:
-            scene = random_scene(rng)
-        words = ["{concept}"] + [rng.choice(SYNONYMS[sq["colour"]]) for sq in scene[1:]]
-        parts = [clause(rng, w, sq["direction"]) for w, sq in zip(words, scene)]
-        rng.shuffle(parts)
-        templates.append(" and ".join(parts))
-    return templates
+    clause = "{article} {adjective} %s {object} {adverb} {verb} {direction}"  # adjective and adverb: 2 in 7
+    return {
+        "about": "written by toy.py (prompt_grammar): the toy's prompts for unlearn.py's step 2",
+        "sentences": ["{square}"] * 3 + ["{square} and {other}", "{other} and {square}"],  # as SQUARES_PER_SCENE
+        "slots": {
+            "square": [clause % "{concept}"], "other": [clause % "{colour}"],
+            "colour": sorted(WORD_TO_COLOUR), "article": ["a", "the", "one"], "object": list(OBJECTS),
+            "adjective": [""] * 5 + list(ADJECTIVES), "adverb": [""] * 5 + list(ADVERBS), "verb": list(VERBS),
+            "direction": [p for d in sorted(DIRECTIONS) for p in direction_phrases(d)]},
+        "synonyms": [list(words) for words in SYNONYMS.values()],
+        "preserve": {"": [w for words in SYNONYMS.values() for w in words]},
+    }
+
+
+def save_prompt_grammar(folder):
+    text = json.dumps(prompt_grammar(), indent=1)  # then each list of words on one line
+    strings = r'\[\s+("[^"]*"(?:,\s+"[^"]*")*)\s+\]'
+    text = re.sub(strings, lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]", text)
+    with open(os.path.join(folder, "prompts.json"), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -535,7 +542,7 @@ def print_quality(table, n_single, n_double):
         print(f"  {name:<48} {100 * value:5.1f} %")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only load the committed toy/ and print its quality")
     parser.add_argument("--out", default=TOY_DIR, help="where to save the pipeline (default: toy/)")
@@ -552,7 +559,7 @@ def main():
     parser.add_argument("--reuse-vae", action="store_true",
                         help="keep the VAE of --out, train the rest anew (as a build from nothing that made it)")
     parser.add_argument("--n-eval", type=int, default=96, help="one-square videos in the quality table")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.direction_probe < 0:
         parser.error(f"--direction-probe {args.direction_probe}: a loss weight, at least 0")
     if not args.probe_until > 0:  # nan as well
@@ -577,6 +584,7 @@ def main():
         pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                  transformer=transformer, scheduler=scheduler)
         pipe.save_pretrained(args.out)
+        save_prompt_grammar(args.out)  # the prompts unlearn.py draws on this model
         print(f"Saved the toy pipeline to {args.out} after {(time.time() - start) / 60:.1f} min")
     from unlearn import load_base_pipeline
     pipe = load_base_pipeline(args.out)

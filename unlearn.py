@@ -37,12 +37,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from families import Text, family_of
-from prompts import (REFINER_TRIES, TOY, concept_pattern, concept_templates, default_preserve, fill, read_prompts,
-                     refine_prompts, substitute)
+from prompts import (REFINER_TRIES, concept_pattern, concept_templates, default_preserve, fill, load_grammar,
+                     read_prompts, refine_prompts, substitute)
 from runs import (UserError, no_timer, restore_checkpoint, run_cli, run_steps, save_checkpoint, why,
                   write_atomic)
 
 TRAIN_FRAMES = 17  # default training length: see --num-frames
+TOY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")  # --model toy: the toy.py pipeline
 
 
 # -----------------------------------------------------------------------------
@@ -63,6 +64,9 @@ def build_parser():
                    help="more concept prompts: a CSV with a 'prompt' column (as sample.py reads), or one a line")
     g.add_argument("--refiner", default=None,
                    help="transformers chat/text model that rewrites each prompt richly (on the GPU, freed after)")
+    g.add_argument("--grammar", default=None,
+                   help="prompt grammar the augmented prompts are drawn from (JSON, see prompts.py; default the "
+                        "model folder's prompts.json if it has one, else built-in sentences)")
     g.add_argument("--no-augment", action="store_true", help="ablation: train on the bare concept word only")
     g.add_argument("--preserve", action="append", default=None,
                    help="what must survive, put in the concept's place (repeatable; default suits the concept)")
@@ -134,13 +138,18 @@ def pick_dtype(device, dtype=None):
     return getattr(torch, dtype) if dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def model_folder(model):
+    """Where `--model` lives: 'toy' is the folder toy/ beside this file; anything else as given."""
+    return TOY if model == "toy" else model
+
+
 def load_base_pipeline(model, device=None, dtype=None, move=True):
     """A diffusers text-to-video pipeline of a family unlearn.py serves (families.py), in the dtype for
     `device`. 'toy' means the folder toy/. With move=False it stays in CPU memory: unlearn.py moves one
     part at a time to the GPU."""
     from diffusers import DiffusionPipeline
     device = pick_device(device)
-    path = TOY if model == "toy" else model
+    path = model_folder(model)
     try:  # the pipeline class its model_index.json names; never remote code
         pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=pick_dtype(device, dtype), use_safetensors=True)
     except Exception as e:  # not found, no network, not a diffusers pipeline
@@ -196,7 +205,8 @@ def build_prompts(args, rng, device=None, log=print):
     if args.no_augment:
         prompts = [args.concept]
     else:
-        prompts = [fill(t, args.concept) for t in concept_templates(args.model, rng, args.num_prompts, args.concept)]
+        grammar = load_grammar(model_folder(args.model), args.grammar)  # the model folder's, or built in
+        prompts = [fill(t, args.concept) for t in concept_templates(grammar, rng, args.num_prompts, args.concept)]
     if args.prompts_file:  # sample.py's format: a CSV with a 'prompt' column, or one a line
         prompts += [p for p, _ in read_prompts(args.prompts_file, args.seed) if concept_pattern(args.concept).search(p)]
     if args.refiner:
@@ -206,7 +216,7 @@ def build_prompts(args, rng, device=None, log=print):
         free_memory()  # the language model leaves the GPU before the video model comes
         log(f"# 2. The refiner rewrote {len(prompts)} of {asked} prompts; it dropped {dropped} outputs that did "
             f"not name '{args.concept}' ({asked - len(prompts)} prompts had none in {REFINER_TRIES} tries)")
-    preserve = args.preserve or default_preserve(args.model, args.concept)
+    preserve = args.preserve or default_preserve(load_grammar(model_folder(args.model), args.grammar), args.concept)
     anchors = ["" if args.anchor == "empty" else substitute(p, args.concept, "") for p in prompts]
     # c_pre: the prompt with something to keep in the concept's place, drawn once per prompt
     return prompts, anchors, [substitute(p, args.concept, rng.choice(preserve)) for p in prompts]
