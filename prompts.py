@@ -71,8 +71,6 @@ def load_grammar(folder=None, path=None):
         path = os.path.join(folder, GRAMMAR_FILE) if folder else ""
         if not os.path.isfile(path):
             return BUILT_IN
-    elif not os.path.isfile(path):
-        raise UserError(f"--grammar {path}: no such file")
     try:
         with open(path, encoding="utf-8") as f:
             grammar = json.load(f)

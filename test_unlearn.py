@@ -51,6 +51,14 @@ def test_readme_quick_start_has_setup_and_test_commands_that_ci_runs():
     assert any(line.strip().startswith(setup) for line in ci.splitlines())
 
 
+def test_every_flag_the_readme_names_is_one_the_commands_take():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    sources = "".join(open(os.path.join(HERE, f)).read() for f in os.listdir(HERE) if f.endswith(".py"))
+    taken = set(re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", sources))
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", readme)) - {"--help"}
+    assert len(taken) > 40 and named and named <= taken, named - taken
+
+
 # -----------------------------------------------------------------------------
 # The toy world
 
@@ -122,12 +130,11 @@ def test_a_grammar_file_fills_its_slots_and_never_with_the_concepts_synonyms(tmp
 def test_a_bad_grammar_file_is_one_clear_error(tmp_path, grammar, message):
     path = tmp_path / "grammar.json"
     path.write_text(grammar if isinstance(grammar, str) else json.dumps(grammar))
-    args = unlearn.parse_args(["--concept", "red", "--grammar", str(path), "--num-prompts", "8"])
     with pytest.raises(unlearn.UserError, match=re.escape(message)):
+        args = unlearn.parse_args(["--concept", "red", "--grammar", str(path), "--num-prompts", "8"])
         unlearn.build_prompts(args, random.Random(0))
-    args.grammar = str(tmp_path / "missing.json")
-    with pytest.raises(unlearn.UserError, match="no such file"):
-        unlearn.build_prompts(args, random.Random(0))
+    with pytest.raises(unlearn.UserError, match="no such file"):  # before the model loads
+        unlearn.parse_args(["--concept", "red", "--grammar", str(tmp_path / "missing.json")])
 
 
 def test_the_method_imports_no_toy_and_no_file_imports_in_a_cycle():

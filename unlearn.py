@@ -121,9 +121,12 @@ def parse_args(argv=None):
     if not (args.lr > 0 and args.eta >= 0 and args.loc_weight >= 0 and args.pres_weight >= 0
             and 0 <= args.mask_threshold < 1):
         raise UserError("--lr must be > 0; --eta, --loc-weight, --pres-weight >= 0; --mask-threshold in [0, 1)")
+    if args.grammar:  # a missing or broken file is refused before the model loads
+        if not os.path.isfile(args.grammar):
+            raise UserError(f"--grammar {args.grammar}: no such file")
+        load_grammar(path=args.grammar)
     args.output_dir = args.output_dir or os.path.join("erasers", re.sub(r"\W+", "_", args.concept.lower()))
     return args
-
 
 
 # -----------------------------------------------------------------------------
@@ -164,7 +167,6 @@ def text_length(pipe):
     return family_of(pipe).text_length(pipe)
 
 
-
 def video_size(pipe, num_frames=None, height=None, width=None, max_frames=None):
     """(frames, height, width): what was asked, else the size the model was made for (its frames at most
     `max_frames`)."""
@@ -196,16 +198,15 @@ def velocity(transformer, x, t, text, static):
     return family_of(transformer).velocity(transformer, x, t, text, static)
 
 
-
 # -----------------------------------------------------------------------------
 # 2. Build augmented prompts that carry the concept
 
 def build_prompts(args, rng, device=None, log=print):
     """Concept prompts c, and for each its anchor and its preservation prompt c_pre."""
+    grammar = load_grammar(model_folder(args.model), args.grammar)  # the model folder's, or built in
     if args.no_augment:
         prompts = [args.concept]
     else:
-        grammar = load_grammar(model_folder(args.model), args.grammar)  # the model folder's, or built in
         prompts = [fill(t, args.concept) for t in concept_templates(grammar, rng, args.num_prompts, args.concept)]
     if args.prompts_file:  # sample.py's format: a CSV with a 'prompt' column, or one a line
         prompts += [p for p, _ in read_prompts(args.prompts_file, args.seed) if concept_pattern(args.concept).search(p)]
@@ -216,11 +217,10 @@ def build_prompts(args, rng, device=None, log=print):
         free_memory()  # the language model leaves the GPU before the video model comes
         log(f"# 2. The refiner rewrote {len(prompts)} of {asked} prompts; it dropped {dropped} outputs that did "
             f"not name '{args.concept}' ({asked - len(prompts)} prompts had none in {REFINER_TRIES} tries)")
-    preserve = args.preserve or default_preserve(load_grammar(model_folder(args.model), args.grammar), args.concept)
+    preserve = args.preserve or default_preserve(grammar, args.concept)
     anchors = ["" if args.anchor == "empty" else substitute(p, args.concept, "") for p in prompts]
     # c_pre: the prompt with something to keep in the concept's place, drawn once per prompt
     return prompts, anchors, [substitute(p, args.concept, rng.choice(preserve)) for p in prompts]
-
 
 
 # -----------------------------------------------------------------------------
@@ -293,7 +293,6 @@ def free_text_encoder_and_vae(pipe):
         setattr(pipe, name, None)
     pipe.vae = None
     free_memory()
-
 
 
 # -----------------------------------------------------------------------------
@@ -396,7 +395,6 @@ def erasers_off(state):
         state.enabled = True
 
 
-
 # -----------------------------------------------------------------------------
 # 5. Make the noisy latents x_t with the model's own sampler
 
@@ -459,7 +457,6 @@ class NoisyLatents:
         return x_t, self.sampler.timesteps[k].expand(len(idx))
 
 
-
 # -----------------------------------------------------------------------------
 # 6. Teacher velocities: the same network with the erasers off, and Eq. 1's target
 
@@ -485,7 +482,6 @@ def negative_guidance_target(v_cond, v_anchor, eta):
     # Eq. 1: v_neg = v*(x_t, anchor) - eta * (v*(x_t, c) - v*(x_t, anchor)). Its weights sum to one, so it is
     # the same combination whether v is CogVideoX's v-prediction or Wan's and Hunyuan's flow velocity eps - x0.
     return v_anchor - eta * (v_cond - v_anchor)
-
 
 
 # -----------------------------------------------------------------------------
@@ -521,7 +517,6 @@ def concept_mask(attention, grid, threshold, has_concept):
 def token_grid(transformer, shape):
     """The video tokens' (frames, h, w) layout in the transformer's sequence, for latents of `shape`."""
     return family_of(transformer).token_grid(transformer.config, shape)
-
 
 
 # -----------------------------------------------------------------------------
@@ -562,7 +557,6 @@ def localization_backward(transformer, masks, weight):
         (weight * term).backward()
         total = total + term.detach()
     return total
-
 
 
 class Unlearning:
@@ -654,7 +648,6 @@ def result_settings(args):
                                                               "checkpoint_every", "steps")}
 
 
-
 # -----------------------------------------------------------------------------
 # 9. Save the eraser: weights (safetensors) and what they belong to (json), atomically
 
@@ -685,7 +678,6 @@ def save_eraser(output_dir, erasers, meta):
 def check_output_dir(args):
     if os.path.exists(args.output_dir) and os.listdir(args.output_dir) and not (args.overwrite or args.resume):
         raise UserError(f"--output-dir {args.output_dir} already holds files; pass --overwrite or choose another")
-
 
 
 # -----------------------------------------------------------------------------
