@@ -64,8 +64,8 @@ def load_grammar(folder=None, path=None):
     """The prompt grammar of step 2: the file `path`, else the model folder's prompts.json, else BUILT_IN.
 
     A grammar is JSON: "sentences" (strings with slots), "slots" (name: the strings it may take,
-    themselves with slots), "synonyms" (lists of words that name one thing) and "preserve"
-    (concept: what to put in its place; "" for any concept).
+    themselves with slots; a choice that is a list stands for one of its strings), "synonyms" (lists
+    of words that name one thing) and "preserve" (concept: what to put in its place; "" for any).
     """
     if path is None:
         path = os.path.join(folder, GRAMMAR_FILE) if folder else ""
@@ -104,10 +104,13 @@ def expand(text, grammar, rng, banned, depth=0):
         if key not in grammar["slots"] or depth > 20:
             why_not = "refers to itself in a loop" if depth > 20 else "has no such slot"
             raise UserError(f"prompt grammar: '{{{name}}}' {why_not}; fix the grammar file")
-        choices = [c for c in grammar["slots"][key] if not names_any(c, banned)]
+        choices = [[w for w in c if not names_any(w, banned)] if isinstance(c, list) else c
+                   for c in grammar["slots"][key]]  # a list: one of its strings, the list as likely as a string
+        choices = [c for c in choices if (c if isinstance(c, list) else not names_any(c, banned))]
         if not choices:
             raise UserError(f"prompt grammar: every choice of slot '{key}' names the concept; add others")
-        out = expand(rng.choice(choices), grammar, rng, banned, depth + 1)
+        choice = rng.choice(choices)
+        out = expand(rng.choice(choice) if isinstance(choice, list) else choice, grammar, rng, banned, depth + 1)
         return out[:1].upper() + out[1:] if name[:1].isupper() else out
     return SLOT.sub(one, text)
 

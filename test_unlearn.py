@@ -108,8 +108,8 @@ def test_step_2_draws_from_the_model_folders_prompt_grammar_else_the_built_in_on
 def test_a_grammar_file_fills_its_slots_and_never_with_the_concepts_synonyms(tmp_path):
     path = tmp_path / "grammar.json"
     json.dump({"sentences": ["{Concept} on {thing}", "A photo of {concept} on {thing}, {light}"],
-               "slots": {"thing": ["a table", "a crimson chair", "{colour} grass"], "colour": ["green", "Red"],
-                         "light": ["at dusk", "at noon"]},
+               "slots": {"thing": ["a table", "a crimson chair", "{colour} grass"], "light": ["at dusk", "at noon"],
+                         "colour": [["green"], ["Red", "crimson"]]},  # a list: one of its words
                "synonyms": [["red", "crimson"], ["green", "emerald"]],
                "preserve": {"": ["blue paint", "a crimson cup", "emerald paint"]}}, open(path, "w"))
     args = unlearn.parse_args(["--model", "toy", "--concept", "red", "--grammar", str(path), "--num-prompts", "64"])
@@ -1046,7 +1046,7 @@ def test_erasing_red_on_the_toy_model(red_reports):
     before, after = red_reports
     assert before["word gone"] <= 0.1  # the original draws red
     assert after["word gone"] >= 0.9 and after["synonyms gone"] >= 0.8
-    assert after["two: erased gone"] >= 0.7  # 75-92 % over training seeds 0-2 (docs/experiments.md, section 9)
+    assert after["two: erased gone"] >= 0.65  # 71-96 % over training seeds 0-2 (docs/experiments.md, section 9)
     assert before["motion kept"] >= 0.8 and after["motion kept"] >= 0.7  # the erased videos keep their content
     for colour in ("green", "blue", "white"):
         assert after[colour] >= before[colour] - 0.05 - 1e-9, (colour, before[colour], after[colour])

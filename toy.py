@@ -119,7 +119,7 @@ def speaks_toy(tokenizer):
 
 def direction_phrases(d):
     """The ways a prompt says a direction, as often as a random choice among them should say each."""
-    return [d] * 5 if d in ("up", "down") else [d, d, f"to the {d}", f"toward the {d}", f"towards the {d}"]
+    return [d] if d in ("up", "down") else [d, d, f"to the {d}", f"toward the {d}", f"towards the {d}"]
 
 
 def _direction_phrase(rng, d):
@@ -184,15 +184,16 @@ def prompt_grammar():
     and a crimson box" the anchor and the preservation prompt would still ask for red. What is kept
     in the concept's place: every word of the other colours.
     """
-    clause = "{article} {adjective} %s {object} {adverb} {verb} {direction}"  # adjective and adverb: 2 in 7
+    clause = "{article} {adjective} %s {object} {adverb} {verb} {direction}"
     return {
         "about": "written by toy.py (prompt_grammar): the toy's prompts for unlearn.py's step 2",
         "sentences": ["{square}"] * 3 + ["{square} and {other}", "{other} and {square}"],  # as SQUARES_PER_SCENE
         "slots": {
             "square": [clause % "{concept}"], "other": [clause % "{colour}"],
-            "colour": sorted(WORD_TO_COLOUR), "article": ["a", "the", "one"], "object": list(OBJECTS),
-            "adjective": [""] * 5 + list(ADJECTIVES), "adverb": [""] * 5 + list(ADVERBS), "verb": list(VERBS),
-            "direction": [p for d in sorted(DIRECTIONS) for p in direction_phrases(d)]},
+            "colour": [list(words) for words in SYNONYMS.values()],  # a colour, then one of its words
+            "article": ["a", "the", "one"], "object": list(OBJECTS), "verb": list(VERBS),
+            "adjective": [""] * 7 + [list(ADJECTIVES)] * 3, "adverb": [""] * 7 + [list(ADVERBS)] * 3,  # 3 in 10
+            "direction": [direction_phrases(d) for d in sorted(DIRECTIONS)]},
         "synonyms": [list(words) for words in SYNONYMS.values()],
         "preserve": {"": [w for words in SYNONYMS.values() for w in words]},
     }
@@ -200,8 +201,9 @@ def prompt_grammar():
 
 def save_prompt_grammar(folder):
     text = json.dumps(prompt_grammar(), indent=1)  # then each list of words on one line
-    strings = r'\[\s+("[^"]*"(?:,\s+"[^"]*")*)\s+\]'
-    text = re.sub(strings, lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]", text)
+    item = r'(?:"[^"]*"|\[[^][]*\])'  # a string, or a list of them once it is on one line
+    for pattern in (r'\[\s+("[^"]*"(?:,\s+"[^"]*")*)\s+\]', rf'\[\s+({item}(?:,\s+{item})*)\s+\]'):
+        text = re.sub(pattern, lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]", text)
     with open(os.path.join(folder, "prompts.json"), "w", encoding="utf-8") as f:
         f.write(text + "\n")
 
