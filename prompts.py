@@ -132,8 +132,9 @@ def fill(template, concept):
 
 def default_preserve(grammar, concept):
     """What must survive erasing `concept`: the grammar's choice for it, none of which names the concept."""
-    keep = grammar["preserve"].get(concept.lower(), grammar["preserve"].get("", []))
-    keep = [k for k in keep if not names_any(k, concept_words(grammar, concept))]
+    named = concept_words(grammar, concept)
+    keep = [k for k in grammar["preserve"].get(concept.lower(), grammar["preserve"].get("", []))
+            if not names_any(k, named)]
     if not keep:
         raise UserError(f"nothing to keep in the place of '{concept}': give --preserve WORDS")
     return keep

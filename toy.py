@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from prompts import GRAMMAR_FILE
+from unlearn import TOY as TOY_DIR, load_base_pipeline
 from videos import generate
-
-TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")
 
 # -----------------------------------------------------------------------------
 # 1. The world: squares of six colours moving in four directions
@@ -123,7 +123,7 @@ def direction_phrases(d):
 
 
 def _direction_phrase(rng, d):
-    return d if d in ("up", "down") else rng.choice(direction_phrases(d))
+    return d if d in ("up", "down") else rng.choice(direction_phrases(d))  # no draw for one way: the build's stream
 
 
 def _article(rng, next_word):
@@ -204,7 +204,7 @@ def save_prompt_grammar(folder):
     item = r'(?:"[^"]*"|\[[^][]*\])'  # a string, or a list of them once it is on one line
     for pattern in (r'\[\s+("[^"]*"(?:,\s+"[^"]*")*)\s+\]', rf'\[\s+({item}(?:,\s+{item})*)\s+\]'):
         text = re.sub(pattern, lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]", text)
-    with open(os.path.join(folder, "prompts.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(folder, GRAMMAR_FILE), "w", encoding="utf-8") as f:
         f.write(text + "\n")
 
 
@@ -588,7 +588,6 @@ def main(argv=None):
         pipe.save_pretrained(args.out)
         save_prompt_grammar(args.out)  # the prompts unlearn.py draws on this model
         print(f"Saved the toy pipeline to {args.out} after {(time.time() - start) / 60:.1f} min")
-    from unlearn import load_base_pipeline
     pipe = load_base_pipeline(args.out)
     n_double = args.n_eval // 2
     print_quality(quality(pipe, args.n_eval, n_double), args.n_eval, n_double)
