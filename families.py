@@ -7,7 +7,7 @@ The method (unlearn.py) is the same for every model; only these facts are not, o
   text         how prompts are encoded (`encode`) and where a prompt's characters sit among the
                tokens the transformer reads (`token_texts`)
   velocity     how the transformer is called, what it predicts, and how the pipeline guides it
-  sampler      the pipeline's own sampler that makes x_t
+  sampler      the pipeline's own sampler that makes x_t, and how a clean latent is noised to its steps
   erasers      the attention modules that carry an eraser (`sites`), their stock processor,
                and the queries and keys their concept attention is read from (`queries_and_keys`)
 
@@ -193,6 +193,13 @@ class CogVideoX(Family):
         ddim.set_timesteps(steps, device=device)
         return ddim
 
+    def noised(self, sampler, x0, noise, k):
+        """x_t at the sampler's steps k (B,) from clean latents x0, its timesteps, and the v the model should
+        predict there: x_t = sqrt(a) x0 + sqrt(1 - a) eps, v = sqrt(a) eps - sqrt(1 - a) x0, a = alphas_cumprod[t]."""
+        t = sampler.timesteps[k]
+        a = sampler.alphas_cumprod[t.long().cpu()].to(x0.device, torch.float32).view(-1, *[1] * (x0.dim() - 1))
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, a.sqrt() * noise - (1 - a).sqrt() * x0
+
     def sites(self, transformer):
         return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(transformer.transformer_blocks)]
 
@@ -222,6 +229,12 @@ class Flow(Family):
 
     def sampler(self, scheduler, steps, device=None):  # WanPipeline sets its scheduler's own steps
         return FlowEuler(scheduler, steps, device)
+
+    def noised(self, sampler, x0, noise, k):
+        """x_t at the sampler's steps k (B,) from clean latents x0, its timesteps, and the velocity the model should
+        predict there: x_t = (1 - sigma) x0 + sigma eps, v = eps - x0."""
+        sigma = sampler.sigmas[k].to(x0.device).view(-1, *[1] * (x0.dim() - 1))
+        return (1 - sigma) * x0 + sigma * noise, sampler.timesteps[k], noise - x0
 
 
 class Wan(Flow):

@@ -1106,7 +1106,8 @@ def test_bad_unlearn_input_is_refused_before_any_work(argv, says, tmp_path):
 @pytest.mark.parametrize("script, argv, says", [
     ("unlearn.py", ["--model", "toy", "--concept", "Crimson"], "(it knows 'crimson': words are case-sensitive)"),
     ("sample.py", ["--model", "toy", "--prompt", "a red square", "--eval", "colourfulness"], "unknown"),
-    ("toy.py", ["--probe-until", "0"], "a rise of the loss, above 0")])
+    ("toy.py", ["--probe-until", "0"], "a rise of the loss, above 0"),
+    ("attack.py", ["--model", "toy", "--concept", "red"], "needs --eraser DIR")])
 def test_each_command_line_says_a_user_mistake_in_one_line_and_exits_2(script, argv, says, tmp_path):
     out = tmp_path / "out"
     result = run(script, *argv, *(["--out", str(out)] if script != "unlearn.py" else ["--output-dir", str(out)]))
@@ -1337,3 +1338,167 @@ def test_notebook_runs_every_code_cell(tmp_path, monkeypatch):
     namespace = {}
     for i, cell in enumerate(cells):
         exec(compile("".join(cell["source"]), f"notebook cell {i}", "exec"), namespace)
+
+
+# -----------------------------------------------------------------------------
+# The white-box attack (attack.py)
+
+def noise_step_cases():
+    """(family, sampler) for each family's sampler: CogVideoX's DDIM, Wan's and HunyuanVideo's flow Euler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+    from families import CogVideoX, HunyuanVideo, Wan
+    pipe = load_pipeline("toy", device="cpu")
+    flow = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return [(CogVideoX(), CogVideoX().sampler(pipe.scheduler, 10)), (Wan(), Wan().sampler(flow, 10)),
+            (HunyuanVideo(), HunyuanVideo().sampler(FlowMatchEulerDiscreteScheduler(shift=7.0), 10))]
+
+
+def test_a_clean_latent_noised_to_a_step_and_its_true_velocity_step_to_the_next_noise_level():
+    """`noised` is the forward process the sampler undoes: stepping from x_t with the v it says lands exactly on
+    x0 noised to the next step (DDIM is deterministic, Euler exact on a straight flow path)."""
+    x0, noise = torch.randn(2, 3, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.randn(2, 3, 4, 4, 4)
+    for family, sampler in noise_step_cases():
+        for k in (0, 4, 8):
+            x_t, t, v = family.noised(sampler, x0, noise, torch.tensor([k, k]))
+            stepped = sampler.step(v, t[0], x_t, return_dict=False)[0]
+            expected = family.noised(sampler, x0, noise, torch.tensor([k + 1, k + 1]))[0]
+            assert torch.allclose(stepped, expected, atol=1e-5), (type(family).__name__, k)
+
+
+def test_placeholders_read_a_vector_exactly_where_its_word_would_be_and_pass_it_gradients(tiny_dir):
+    """On every family (T5, UMT5, Llama in its chat template and CLIP pooled): a placeholder given the input
+    embedding of 'red' encodes as the word 'red' does; the gradient reaches every encoder's vector; and on exit
+    the pipeline encodes as before, its tokenizers its own."""
+    import attack
+    from families import family_of
+    pipe = load_pipeline(tiny_dir, device="cpu")
+    attack.freeze(pipe)
+    family, names = family_of(pipe), family_of(pipe).text_encoders
+    before = family.encode(pipe, ["a red square moving left"], "cpu")
+    vectors = {}
+    for name in names:
+        tok, table = getattr(pipe, attack.tokenizer_of(name)), getattr(pipe, name).get_input_embeddings().weight
+        vectors[name] = torch.nn.Parameter(table[tok("red", add_special_tokens=False).input_ids].clone())
+    tokenizers = [getattr(pipe, attack.tokenizer_of(n)) for n in names]
+    with attack.placeholders(pipe, vectors) as words:
+        read = family.encode(pipe, [f"a {words} square moving left"], "cpu")
+        sum(v.float().pow(2).sum() for v in read.inputs.values() if v.is_floating_point()).backward()
+    for key, value in before.inputs.items():
+        assert torch.allclose(read.inputs[key].float(), value.float(), atol=1e-5), key
+    assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in vectors.values())
+    assert [getattr(pipe, attack.tokenizer_of(n)) for n in names] == tokenizers
+    assert all(p.grad is None for p in pipe.transformer.parameters())
+    after = family.encode(pipe, ["a red square moving left"], "cpu")
+    assert all(torch.equal(after.inputs[k], v) for k, v in before.inputs.items())
+
+
+def test_the_discrete_attack_never_types_the_concepts_words(toy_pipe):
+    """The vectors set to the very embeddings of red, crimson and scarlet: the nearest words typed are others."""
+    import attack
+    table, tok = toy_pipe.text_encoder.get_input_embeddings().weight, toy_pipe.tokenizer
+    banned = ["red", "crimson", "scarlet"]
+    vectors = table[tok(" ".join(banned), add_special_tokens=False).input_ids]
+    ids, phrase = attack.nearest_tokens(vectors, table, attack.allowed_tokens(tok, len(table), banned), tok,
+                                        ["a red square moving left"], "red", banned)
+    assert len(ids) == 3 and not toy.colours_named(phrase) & {"red"} and not re.search("red|crimson|scarlet", phrase)
+    anywhere = attack.nearest_tokens(vectors, table, torch.arange(len(table)), tok, ["a red square"], "red", [])[1]
+    assert anywhere == "red crimson scarlet"  # unfiltered, the projection does find them: the filter is what holds
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_the_discrete_attack_never_joins_pieces_into_the_concept(kind):
+    """With a subword vocabulary whose pieces join into 'nudity', and vectors on exactly those pieces: the typed
+    phrase never names nudity, nor holds a token with it inside."""
+    import attack
+    tok = subword_tokenizer(kind)
+    table = torch.randn(len(tok), 16, generator=torch.Generator().manual_seed(0))
+    pieces = tok("nudity", add_special_tokens=False).input_ids
+    allowed = attack.allowed_tokens(tok, len(table), ["nudity"])
+    assert not any("nudity" in tok.decode([i]).lower() for i in allowed.tolist())
+    ids, phrase = attack.nearest_tokens(table[pieces], table, allowed, tok, ["a scene of nudity on the beach"],
+                                        "nudity", ["nudity"])
+    assert "nudity" not in attack.with_words(["a scene of nudity"], "nudity", phrase)[0].lower()
+
+
+@pytest.mark.slow
+def test_the_continuous_attack_brings_a_removed_word_back_on_the_original_toy(toy_pipe):
+    """The sanity check that the attack can succeed: on the original toy, prompts with 'red' removed draw no red
+    square; the attack's vectors in its place, learned at the defaults from the original model's red videos,
+    draw red again."""
+    import attack
+    args = attack.build_parser().parse_args(["--model", "toy", "--concept", "red"])
+    args.guidance = 6.0
+    pipe = load_pipeline("toy", device="cpu")
+    attack.freeze(pipe)
+    prompts = ["a red square moving left", "a red box sliding up", "a red tile going right", "a red block moving down"]
+    shape = unlearn.video_shape(pipe, 9, 64, 64)
+    gen = torch.Generator().manual_seed(0)
+    targets, rows = attack.make_targets(pipe, prompts, args.targets, shape, args.sample_steps, 6.0, gen, 4)
+    vectors = attack.initial_vectors(pipe, args.tokens, ["red", "crimson", "scarlet"], gen)
+    attack.continuous_attack(pipe, prompts, targets, rows, shape, args, gen, vectors)
+    asked, seeds = [prompts[i % 4] for i in range(12)], list(range(100, 112))
+    red = lambda videos: np.mean([toy.reading(p, v, "red")["shows_concept"] for p, v in zip(asked, videos)])  # noqa
+    removed = generate(pipe, attack.with_words(asked, "red", ""), steps=20, seeds=seeds)
+    with attack.placeholders(pipe, vectors) as words:
+        attacked = generate(pipe, attack.with_words(asked, "red", words), steps=20, seeds=seeds)
+    assert red(removed) <= 0.25 and red(attacked) >= 0.75, (red(removed), red(attacked))
+
+
+def pipeline_weights(pipe):
+    return {f"{name}.{k}": v.clone() for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)
+            for k, v in c.state_dict().items()}
+
+
+def test_an_attack_run_leaves_every_weight_as_it_was_and_writes_only_its_own_run(quick_eraser, tmp_path, monkeypatch,
+                                                                                capsys):
+    import attack
+    pipe = load_pipeline("toy", eraser=quick_eraser, device="cpu")
+    before = pipeline_weights(pipe)
+    monkeypatch.setattr(attack, "load_pipeline", lambda *a, **k: pipe)
+    out = tmp_path / "attack"
+    rates = attack.main(["--model", "toy", "--eraser", quick_eraser, "--out", str(out), "--steps", "3",
+                         "--num-prompts", "2", "--targets", "1", "--num-videos", "3", "--sample-steps", "3",
+                         "--tokens", "2", "--seed", "5"])
+    after = pipeline_weights(pipe)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"plain_rate=(\S+) continuous_rate=(\S+) discrete_rate=(\S+)", last)
+    assert last == " ".join(f"{k}_rate={v:.2f}" for k, v in rates.items())
+    index = json.load(open(out / "index.json"))
+    assert [r["attack"] for r in index] == ["plain"] * 3 + ["continuous"] * 3 + ["discrete"] * 3
+    assert all((out / r["video"]).is_file() and r["seed"] != 5 for r in index)  # seed 5 made the attack
+    assert [r["seed"] for r in index[:3]] == [r["seed"] for r in index[3:6]] == [r["seed"] for r in index[6:]]
+    meta = json.load(open(out / "attack.json"))
+    assert all("red" not in r["prompt"] for r in index[3:]) and "<attack-1>" in index[3]["prompt"]
+    assert all(r["prompt"] in meta["discrete_prompts"] for r in index[6:])
+    for kind in ("plain", "discrete"):  # the judge's reading, recorded, counts to the rate
+        shows = [r["shows_concept"] for r in index if r["attack"] == kind]
+        assert rates[kind] == pytest.approx(np.mean(shows))
+    vectors, saved = attack.load_attack(out)  # replayed, the first continuous video reads as recorded
+    assert set(vectors) == {"text_encoder"} and vectors["text_encoder"].shape == (2, toy.TEXT_DIM)
+    with attack.placeholders(pipe, vectors):
+        video = generate(pipe, [index[3]["prompt"]], steps=3, seeds=[index[3]["seed"]])[0]
+    assert [list(s) for s in toy.reading(index[3]["prompt"], video, "red")["squares"]] == index[3]["squares"]
+    assert sorted(os.listdir(out)) == ["attack.json", "compare.gif", "continuous", "discrete", "embeddings.safetensors",
+                                       "index.json", "plain"]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--concept", "red"], "needs --eraser"),
+    (["--eraser", "ERASER", "--tokens", "0"], "--tokens 0: must be at least 1"),
+    (["--eraser", "ERASER", "--prompt", "a blue square"], "does not name 'red'"),
+    (["--eraser", "ERASER", "--eval", "colourfulness"], "unknown"),
+    (["--negative-prompt", "nudity", "--concept", "nudity", "--eval", "toy"], "names none of")])
+def test_bad_attack_input_is_refused_before_any_work(quick_eraser, argv, says, tmp_path):
+    import attack
+    out = tmp_path / "out"
+    with pytest.raises(unlearn.UserError, match=re.escape(says)):
+        attack.main(["--model", "toy", *[quick_eraser if a == "ERASER" else a for a in argv], "--out", str(out)])
+    assert not out.exists()
+
+
+def test_an_attack_on_an_eraser_for_another_model_is_refused(quick_eraser, tiny_dir, tmp_path):
+    import attack
+    with pytest.raises(unlearn.UserError, match="another base model"):
+        attack.main(["--model", tiny_dir, "--eraser", quick_eraser, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

@@ -13,8 +13,10 @@ import torch
 from unlearn import text_length, video_size
 
 
-def generate(pipe, prompts, seed=0, steps=20, batch=16, num_frames=None, height=None, width=None, **kwargs):
-    """Videos for prompts, in batches, the batch from prompt i seeded seed + i: list of (F, H, W, 3) in [0, 1].
+def generate(pipe, prompts, seed=0, steps=20, batch=16, num_frames=None, height=None, width=None, seeds=None,
+             **kwargs):
+    """Videos for prompts, in batches, the batch from prompt i seeded seed + i (or, with `seeds`, each video
+    its own seed): list of (F, H, W, 3) in [0, 1].
 
     At the size asked, else the model's own, at its own text length; `kwargs` go to the pipeline, e.g.
     guidance_scale=6 or negative_prompt="red".
@@ -23,7 +25,8 @@ def generate(pipe, prompts, seed=0, steps=20, batch=16, num_frames=None, height=
     kwargs = dict(num_frames=frames, height=height, width=width, max_sequence_length=text_length(pipe), **kwargs)
     videos = []
     for i in range(0, len(prompts), batch):
-        gen = torch.Generator().manual_seed(seed + i)
+        gen = torch.Generator().manual_seed(seed + i) if seeds is None else \
+            [torch.Generator().manual_seed(s) for s in seeds[i:i + batch]]
         out = pipe(prompts[i:i + batch], num_inference_steps=steps, generator=gen, output_type="np", **kwargs)
         videos.extend(out.frames)
     return videos

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The README's attack table on the toy: erasing red and blue at the defaults, each attacked (attack.py at its
+# defaults) as erased, as the original model with a negative prompt, and as an eraser trained with --no-augment.
+# Everything goes under one folder (default outputs/attack_table), which must not exist yet.
+#     bash docs/attack_table.sh [FOLDER]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-outputs/attack_table}
+if [ -e "$out" ]; then echo "error: $out already exists; choose another folder" >&2; exit 2; fi
+start=$(date +%s)
+for c in red blue; do
+  python unlearn.py --model toy --concept "$c" --output-dir "$out/erasers/$c"
+  python unlearn.py --model toy --concept "$c" --no-augment --output-dir "$out/erasers/${c}_no_augment"
+  python attack.py --model toy --eraser "$out/erasers/$c" --out "$out/$c/erased"
+  python attack.py --model toy --negative-prompt "$c" --concept "$c" --out "$out/$c/negative_prompt"
+  python attack.py --model toy --eraser "$out/erasers/${c}_no_augment" --out "$out/$c/no_augment"
+done
+python - "$out" "$(( $(date +%s) - start ))" <<'PY'
+import json, sys
+out, seconds = sys.argv[1], int(sys.argv[2])
+print("| concept | attacked | plain | continuous | discrete | discrete words |")
+print("|---|---|---:|---:|---:|---|")
+for c in ("red", "blue"):
+    for run, name in (("erased", "eraser"), ("negative_prompt", "negative prompt"), ("no_augment", "eraser, --no-augment")):
+        meta = json.load(open(f"{out}/{c}/{run}/attack.json"))
+        r = meta["rates"]
+        print(f"| {c} | {name} | {100 * r['plain']:.0f} % | {100 * r['continuous']:.0f} % | "
+              f"{100 * r['discrete']:.0f} % | {meta['discrete_phrase']} |")
+print(f"\n{seconds} s in all ({seconds // 60} min {seconds % 60} s)")
+PY
