@@ -75,8 +75,8 @@ def build_parser():
     g.add_argument("--num-prompts", type=int, default=4, help="attack prompts drawn when no --prompt (default 4)")
     g.add_argument("--tokens", type=int, default=1, help="learned tokens in the concept's place (default 1)")
     g.add_argument("--steps", type=int, default=200, help="optimizer steps of the continuous attack (default 200)")
-    g.add_argument("--lr", type=float, default=1e-2,
-                   help="AdamW learning rate, a fraction of the embedding table's RMS (default 1e-2)")
+    g.add_argument("--lr", type=float, default=0.1,
+                   help="AdamW learning rate, a fraction of the embedding table's RMS (default 0.1)")
     g.add_argument("--batch-size", type=int, default=4, help="targets per step (default 4)")
     g.add_argument("--targets", type=int, default=2, help="target videos per attack prompt (default 2)")
     g = p.add_argument_group("videos")
@@ -385,7 +385,8 @@ def main(argv=None):
     vectors = initial_vectors(pipe, args.tokens, banned, gen)
     history = continuous_attack(pipe, prompts, targets, rows, shape, args, gen, vectors)
     del targets
-    print(f"# 4. Continuous attack: {args.tokens} vectors per text encoder, loss {history[0]:.4f} -> "
+    print(f"# 4. Continuous attack: {args.tokens} vector{'s' * (args.tokens > 1)} per text encoder, "
+          f"loss {history[0]:.4f} -> "
           f"{np.mean(history[-10:]):.4f} (mean of the last 10 steps)")
 
     # 5. Discrete attack
