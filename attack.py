@@ -77,7 +77,7 @@ def build_parser():
     g.add_argument("--steps", type=int, default=200, help="optimizer steps of the continuous attack (default 200)")
     g.add_argument("--lr", type=float, default=0.1,
                    help="AdamW learning rate, a fraction of the embedding table's RMS (default 0.1)")
-    g.add_argument("--batch-size", type=int, default=4, help="targets per step (default 4)")
+    g.add_argument("--batch-size", type=int, default=4, help="targets per step, and videos per batch (default 4)")
     g.add_argument("--targets", type=int, default=2, help="target videos per attack prompt (default 2)")
     g = p.add_argument_group("videos")
     g.add_argument("--num-videos", type=int, default=24, help="videos per attack and for the plain prompts (default 24)")
@@ -95,6 +95,8 @@ def build_parser():
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if there is one)")
     g.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="the model's dtype (default bfloat16 on a GPU, float32 on a CPU); the vectors train in float32")
+    g.add_argument("--vae-tiling", action="store_true",
+                   help="decode videos tile by tile: less GPU memory at 480x720 and up")
     return p
 
 
@@ -359,7 +361,7 @@ def main(argv=None):
     started, rng = time.time(), random.Random(args.seed)
 
     # 1. The attacked pipeline, every weight frozen
-    pipe = load_pipeline(args.model, args.eraser, args.device, args.dtype)
+    pipe = load_pipeline(args.model, args.eraser, args.device, args.dtype, vae_tiling=args.vae_tiling)
     freeze(pipe)
     device, family = pipe.transformer.device, family_of(pipe)
     args.guidance = family.default_guidance if args.guidance is None else args.guidance
@@ -404,25 +406,30 @@ def main(argv=None):
     call = dict(num_frames=frames, height=height, width=width, guidance_scale=args.guidance,
                 **family.negative_prompt(args.negative_prompt))
     os.makedirs(args.out, exist_ok=True)
-    index, made, rates = [], {}, {}
+    n = min(4, args.num_videos)  # the first seeds' videos are kept for compare.gif; the rest leave memory when saved
+    index, kept, rates = [], {}, {}
     for kind, typed in kinds.items():
+        shows, b = [], args.batch_size
         with placeholders(pipe, vectors) if kind == "continuous" else contextlib.nullcontext() as words:
             typed = typed or with_words(prompts, args.concept, words)
             asked = [typed[i] for i in cycle]
-            made[kind] = [v for start in tqdm(range(0, len(asked), 16), desc=f"videos: {kind}")
-                          for v in generate(pipe, asked[start:start + 16], steps=args.sample_steps,
-                                            seeds=seeds[start:start + 16], **call)]
-        shows, readings = judge(args.eval, [prompts[i] for i in cycle], made[kind], args.concept)
+            for start in tqdm(range(0, len(asked), b), desc=f"videos: {kind}"):
+                made = generate(pipe, asked[start:start + b], steps=args.sample_steps, seeds=seeds[start:start + b],
+                                batch=b, **call)
+                said, readings = judge(args.eval, [prompts[i] for i in cycle[start:start + b]], made, args.concept)
+                for i, video in enumerate(made, start):
+                    path = save_video(video, os.path.join(args.out, kind, f"{i:04d}.mp4"))
+                    index.append({"attack": kind, "video": os.path.relpath(path, args.out), "prompt": asked[i],
+                                  "seed": seeds[i], "negative_prompt": args.negative_prompt,
+                                  "embeddings": "embeddings.safetensors" if kind == "continuous" else None,
+                                  "shows_concept": said[i - start], **readings[i - start]})
+                kept.setdefault(kind, []).extend(made[:max(0, n - start)])
+                shows += said
         rates[kind] = rate(shows)
-        for i, (prompt, seed) in enumerate(zip(asked, seeds)):
-            path = save_video(made[kind][i], os.path.join(args.out, kind, f"{i:04d}.mp4"))
-            index.append({"attack": kind, "video": os.path.relpath(path, args.out), "prompt": prompt, "seed": seed,
-                          "embeddings": "embeddings.safetensors" if kind == "continuous" else None,
-                          "negative_prompt": args.negative_prompt, "shows_concept": shows[i], **readings[i]})
     with open(os.path.join(args.out, "index.json"), "w") as f:
         json.dump(index, f, indent=2)
-    n = min(4, args.num_videos)  # the first seeds, plain | continuous | discrete, a row each
-    save_video(np.concatenate([side_by_side([made[k][i] for k in kinds], list(kinds)) for i in range(n)], axis=1),
+    # the first seeds, plain | continuous | discrete, a row each
+    save_video(np.concatenate([side_by_side([kept[k][i] for k in kinds], list(kinds)) for i in range(n)], axis=1),
                os.path.join(args.out, "compare.gif"))
     save_attack(args.out, vectors, dict(
         vars(args), banned=banned, prompts=prompts, attack_seed=args.seed, video_seeds=seeds,

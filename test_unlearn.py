@@ -1458,7 +1458,7 @@ def test_an_attack_run_leaves_every_weight_as_it_was_and_writes_only_its_own_run
     out = tmp_path / "attack"
     rates = attack.main(["--model", "toy", "--eraser", quick_eraser, "--out", str(out), "--steps", "3",
                          "--num-prompts", "2", "--targets", "1", "--num-videos", "3", "--sample-steps", "3",
-                         "--tokens", "2", "--seed", "5"])
+                         "--tokens", "2", "--seed", "5", "--batch-size", "2"])
     after = pipeline_weights(pipe)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -1476,9 +1476,10 @@ def test_an_attack_run_leaves_every_weight_as_it_was_and_writes_only_its_own_run
         assert rates[kind] == pytest.approx(np.mean(shows))
     vectors, saved = attack.load_attack(out)  # replayed, the first continuous video reads as recorded
     assert set(vectors) == {"text_encoder"} and vectors["text_encoder"].shape == (2, toy.TEXT_DIM)
-    with attack.placeholders(pipe, vectors):
-        video = generate(pipe, [index[3]["prompt"]], steps=3, seeds=[index[3]["seed"]])[0]
-    assert [list(s) for s in toy.reading(index[3]["prompt"], video, "red")["squares"]] == index[3]["squares"]
+    with attack.placeholders(pipe, vectors):  # the videos went in batches of 2: one from each batch
+        for row in (index[3], index[5]):
+            video = generate(pipe, [row["prompt"]], steps=3, seeds=[row["seed"]])[0]
+            assert [list(s) for s in toy.reading(row["prompt"], video, "red")["squares"]] == row["squares"]
     assert sorted(os.listdir(out)) == ["attack.json", "compare.gif", "continuous", "discrete", "embeddings.safetensors",
                                        "index.json", "plain"]
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's attack table on the toy: erasing red and blue at the defaults, each attacked (attack.py at its
-# defaults) as erased, as the original model with a negative prompt, and as an eraser trained with --no-augment.
+# defaults, but for its videos and targets at 20 sampling steps, as sample.py --eval toy samples) as erased, as
+# the original model with a negative prompt, and as an eraser trained with --no-augment.
 # Everything goes under one folder (default outputs/attack_table), which must not exist yet.
 #     bash docs/attack_table.sh [FOLDER]
 set -euo pipefail
@@ -11,9 +12,9 @@ start=$(date +%s)
 for c in red blue; do
   python unlearn.py --model toy --concept "$c" --output-dir "$out/erasers/$c"
   python unlearn.py --model toy --concept "$c" --no-augment --output-dir "$out/erasers/${c}_no_augment"
-  python attack.py --model toy --eraser "$out/erasers/$c" --out "$out/$c/erased"
-  python attack.py --model toy --negative-prompt "$c" --concept "$c" --out "$out/$c/negative_prompt"
-  python attack.py --model toy --eraser "$out/erasers/${c}_no_augment" --out "$out/$c/no_augment"
+  python attack.py --model toy --sample-steps 20 --eraser "$out/erasers/$c" --out "$out/$c/erased"
+  python attack.py --model toy --sample-steps 20 --negative-prompt "$c" --concept "$c" --out "$out/$c/negative_prompt"
+  python attack.py --model toy --sample-steps 20 --eraser "$out/erasers/${c}_no_augment" --out "$out/$c/no_augment"
 done
 python - "$out" "$(( $(date +%s) - start ))" <<'PY'
 import json, sys
