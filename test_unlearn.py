@@ -1474,7 +1474,7 @@ def test_an_attack_run_leaves_every_weight_as_it_was_and_writes_only_its_own_run
     for kind in ("plain", "discrete"):  # the judge's reading, recorded, counts to the rate
         shows = [r["shows_concept"] for r in index if r["attack"] == kind]
         assert rates[kind] == pytest.approx(np.mean(shows))
-    vectors, saved = attack.load_attack(out)  # replayed, the first continuous video reads as recorded
+    vectors, saved = attack.load_attack(out)  # replayed, continuous videos read as recorded
     assert set(vectors) == {"text_encoder"} and vectors["text_encoder"].shape == (2, toy.TEXT_DIM)
     with attack.placeholders(pipe, vectors):  # the videos went in batches of 2: one from each batch
         for row in (index[3], index[5]):

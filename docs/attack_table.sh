@@ -9,12 +9,13 @@ cd "$(dirname "$0")/.."
 out=${1:-outputs/attack_table}
 if [ -e "$out" ]; then echo "error: $out already exists; choose another folder" >&2; exit 2; fi
 start=$(date +%s)
+attack() { python attack.py --model toy --sample-steps 20 "$@"; }
 for c in red blue; do
   python unlearn.py --model toy --concept "$c" --output-dir "$out/erasers/$c"
   python unlearn.py --model toy --concept "$c" --no-augment --output-dir "$out/erasers/${c}_no_augment"
-  python attack.py --model toy --sample-steps 20 --eraser "$out/erasers/$c" --out "$out/$c/erased"
-  python attack.py --model toy --sample-steps 20 --negative-prompt "$c" --concept "$c" --out "$out/$c/negative_prompt"
-  python attack.py --model toy --sample-steps 20 --eraser "$out/erasers/${c}_no_augment" --out "$out/$c/no_augment"
+  attack --eraser "$out/erasers/$c" --out "$out/$c/erased"
+  attack --negative-prompt "$c" --concept "$c" --out "$out/$c/negative_prompt"
+  attack --eraser "$out/erasers/${c}_no_augment" --out "$out/$c/no_augment"
 done
 python - "$out" "$(( $(date +%s) - start ))" <<'PY'
 import json, sys
