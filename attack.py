@@ -231,7 +231,7 @@ def make_targets(pipe, prompts, per_prompt, shape, steps, guidance, gen, batch):
     latents = []
     for chunk in tqdm(rows.split(batch), desc="targets"):
         cond = encode_prompts(pipe, [prompts[i] for i in chunk]).to(device)
-        noise = torch.randn((len(chunk), *shape), generator=gen, device=gen.device).to(device, transformer.dtype)
+        noise = torch.randn((len(chunk), *shape), generator=gen).to(device, family_of(pipe).latent_dtype(transformer))
         latents.append(sample_latents(transformer, sampler, noise, cond, uncond, static, guidance)[-1].float())
     if erased:
         set_erasers(transformer, True)
@@ -258,7 +258,7 @@ def initial_vectors(pipe, k, banned, gen):
     for name in family_of(pipe).text_encoders:
         table = getattr(pipe, name).get_input_embeddings().weight
         allowed = allowed_tokens(getattr(pipe, tokenizer_of(name)), len(table), banned)
-        pick = allowed[torch.randint(0, len(allowed), (k,), generator=gen, device=gen.device).cpu()]
+        pick = allowed[torch.randint(0, len(allowed), (k,), generator=gen)]
         vectors[name] = torch.nn.Parameter(table[pick.to(table.device)].detach().float().clone())
     return vectors
 
@@ -279,10 +279,10 @@ def continuous_attack(pipe, prompts, targets, rows, shape, args, gen, vectors):
             typed = with_words(prompts, args.concept, words)
             bar = tqdm(range(args.steps), desc="continuous attack")
             for step in bar:
-                idx = torch.randint(0, len(targets), (args.batch_size,), generator=gen, device=gen.device).cpu()
-                k = torch.randint(0, len(sampler.timesteps), (len(idx),), generator=gen, device=gen.device)
+                idx = torch.randint(0, len(targets), (args.batch_size,), generator=gen)
+                k = torch.randint(0, len(sampler.timesteps), (len(idx),), generator=gen)
                 x0 = targets[idx].to(device)
-                noise = torch.randn(x0.shape, generator=gen, device=gen.device).to(device)
+                noise = torch.randn(x0.shape, generator=gen).to(device)
                 x_t, t, v_true = family.noised(sampler, x0, noise, k.to(device))
                 text = family.encode(pipe, [typed[i] for i in rows[idx]], device)
                 v = velocity(transformer, x_t.to(transformer.dtype), t, text, static)
@@ -363,7 +363,7 @@ def main(argv=None):
     # 1. The attacked pipeline, every weight frozen
     pipe = load_pipeline(args.model, args.eraser, args.device, args.dtype, vae_tiling=args.vae_tiling)
     freeze(pipe)
-    device, family = pipe.transformer.device, family_of(pipe)
+    family = family_of(pipe)
     args.guidance = family.default_guidance if args.guidance is None else args.guidance
     frames, height, width = video_size(pipe, args.num_frames, args.height, args.width, TRAIN_FRAMES)
     shape = video_shape(pipe, frames, height, width)
@@ -377,7 +377,7 @@ def main(argv=None):
     print(f"# 2. {len(prompts)} attack prompts, e.g. {prompts[0]!r}; never typed: {', '.join(banned)}")
 
     # 3. Targets, made once
-    gen = torch.Generator(device).manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # every draw on the CPU, then moved: one run on any device
     torch.manual_seed(args.seed)
     targets, rows = make_targets(pipe, prompts, args.targets, shape, args.sample_steps, args.guidance, gen,
                                  args.batch_size)

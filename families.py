@@ -108,9 +108,14 @@ class Family:
         return Text(encoder_hidden_states=embeds)
 
     # velocity
+    def latent_dtype(self, transformer):
+        """The dtype x_t stays in between sampling steps, as the pipeline keeps its latents."""
+        return transformer.dtype
+
     def velocity(self, transformer, x, t, text, static):
         """The transformer's prediction at x (B, *latent shape), t (B,), for `text`: one forward pass."""
-        return transformer(hidden_states=x, timestep=t, **text.inputs, **static, return_dict=False)[0]
+        return transformer(hidden_states=x.to(transformer.dtype), timestep=t, **text.inputs, **static,
+                           return_dict=False)[0]
 
     def guided_velocity(self, transformer, x, t, cond, uncond, static, guidance):
         """The velocity the pipeline samples with: classifier-free guidance, [uncond; cond] in one batch."""
@@ -221,6 +226,9 @@ class CogVideoX(Family):
 class Flow(Family):
     """Flow-matching families: they predict v = eps - x0 and sample by Euler on their shifted sigmas."""
 
+    def latent_dtype(self, transformer):  # WanPipeline and HunyuanVideoPipeline step fp32 latents, cast for the model
+        return torch.float32
+
     def native_size(self, pipe):  # the pipeline's own defaults: no config holds them
         return call_default(pipe, "num_frames"), call_default(pipe, "height"), call_default(pipe, "width")
 
@@ -277,7 +285,7 @@ class Wan(Flow):
     def velocity(self, transformer, x, t, text, static):
         if "tokens_per_video" in static:
             t = t[:, None].expand(-1, static["tokens_per_video"])
-        return transformer(hidden_states=x, timestep=t, **text.inputs, return_dict=False)[0]
+        return transformer(hidden_states=x.to(transformer.dtype), timestep=t, **text.inputs, return_dict=False)[0]
 
     def sites(self, transformer):
         return [(f"blocks.{i}.attn2", b.attn2) for i, b in enumerate(transformer.blocks)]
@@ -332,8 +340,8 @@ class HunyuanVideo(Flow):
         return {"guidance": torch.tensor(guidance * 1000.0, dtype=transformer.dtype, device=transformer.device)}
 
     def velocity(self, transformer, x, t, text, static):
-        return transformer(hidden_states=x, timestep=t, guidance=static["guidance"].expand(len(x)), **text.inputs,
-                           return_dict=False)[0]
+        return transformer(hidden_states=x.to(transformer.dtype), timestep=t,
+                           guidance=static["guidance"].expand(len(x)), **text.inputs, return_dict=False)[0]
 
     def guided_velocity(self, transformer, x, t, cond, uncond, static, guidance):
         return self.velocity(transformer, x, t, cond, static).float()  # the guidance is an input: one pass

@@ -118,11 +118,20 @@ def expand(text, grammar, rng, banned, depth=0):
 def concept_templates(grammar, rng, n, concept):
     """n prompts with a `{concept}` slot, drawn from the grammar; no other slot takes the concept's words."""
     banned = concept_words(grammar, concept)
-    templates = [tidy(expand(rng.choice(grammar["sentences"]), grammar, rng, banned)) for _ in range(n)]
+    templates = [tidy(expand(s, grammar, rng, banned)) for s in balanced_choices(rng, grammar["sentences"], n)]
     for t in templates:
         if "{concept}" not in t.lower():
             raise UserError(f"prompt grammar: '{t}' came out with no {{concept}} slot; every sentence needs one")
     return templates
+
+
+def balanced_choices(rng, choices, n):
+    """n of `choices` in a random order, each as often as n allows (counts differ by one at most). Independent
+    draws let the mix of a run's prompts vary by seed (on the toy, 10 to 16 two-square scenes in 32), and
+    with it how well a run erased (docs/experiments.md, section 11)."""
+    picks = list(choices) * (n // len(choices)) + rng.sample(list(choices), n % len(choices))
+    rng.shuffle(picks)
+    return picks
 
 
 def fill(template, concept):

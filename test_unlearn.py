@@ -855,7 +855,6 @@ def test_loc_gradient_block_by_block_under_checkpointing_equals_one_backward_wit
     for e in r.erasers:  # non-zero erasers: L_loc has a gradient
         torch.nn.init.normal_(e.up.weight, std=0.1)
     r.opt.step = lambda: None  # keep the weights: compare gradients only
-    state = r.gen.get_state()
     losses = r.step()
     ours = [p.grad.clone() for p in r.erasers.parameters()]
     assert losses["loc"] > 0
@@ -863,9 +862,8 @@ def test_loc_gradient_block_by_block_under_checkpointing_equals_one_backward_wit
 
     # The reference: no checkpointing, the same draw, the whole loss in one backward
     r.transformer.disable_gradient_checkpointing()
-    r.gen.set_state(state)
-    idx = torch.randint(0, len(r.cond), (1,), generator=r.gen)
-    x_t, t = r.xt.draw(idx)
+    idx, k = unlearn.balanced_draws(args.seed, len(r.cond), len(r.xt.sampler.timesteps), 1, r.done - 1)
+    x_t, t = r.xt.draw(idx, k)
     v_cond, v_anchor, _, attention = unlearn.teacher_pass(r.transformer, r.state, x_t, t, r.cond[idx],
                                                           r.anchor[idx], r.tokens[idx], r.static)
     masks = [unlearn.concept_mask(a, r.grid, args.mask_threshold, r.has_concept[idx]) for a in attention]
@@ -985,13 +983,18 @@ def quick_eraser(tmp_path_factory):
     return str(out)
 
 
-@pytest.fixture(scope="session")
-def red_eraser(tmp_path_factory):
-    """The toy eraser at the defaults, as the Quick start makes it (about a minute)."""
-    out = tmp_path_factory.mktemp("erasers") / "red"
-    result = run("unlearn.py", "--model", "toy", "--concept", "red", "--output-dir", str(out))
+def toy_eraser(tmp_path_factory, name, *argv):
+    """A toy eraser of red at the defaults but for `argv`, made by the Quick start's command (about a minute)."""
+    out = tmp_path_factory.mktemp("erasers") / name
+    result = run("unlearn.py", "--model", "toy", "--concept", "red", "--output-dir", str(out), *argv)
     assert result.returncode == 0, result.stderr[-2000:]
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def red_eraser(tmp_path_factory):
+    """The toy eraser at the defaults, as the Quick start makes it (training seed 0)."""
+    return toy_eraser(tmp_path_factory, "red")
 
 
 def test_save_then_load_gives_identical_erasers_and_videos(quick_eraser, tmp_path):
@@ -1034,22 +1037,38 @@ def test_an_eraser_is_checked_by_architecture_not_by_the_whole_config(quick_eras
 
 
 @pytest.fixture(scope="session")
-def red_reports(toy_pipe, red_eraser):
-    before = toy.erasure_report(toy_pipe, "red", seed=11)
-    after = toy.erasure_report(load_pipeline("toy", eraser=red_eraser), "red", seed=11)
+def red_reports(toy_pipe, red_eraser, tmp_path_factory):
+    """The original toy's test-set report, and the erased one's at training seeds 0 and 4 (the weakest of 0-4
+    before the draws were balanced: docs/experiments.md, section 11)."""
+    before = toy.erasure_report(toy_pipe, "red", seed=11, steps=20)
+    seed_4 = toy_eraser(tmp_path_factory, "red_seed_4", "--seed", "4")
+    after = {seed: toy.erasure_report(load_pipeline("toy", eraser=e), "red", seed=11, steps=20)
+             for seed, e in ((0, red_eraser), (4, seed_4))}
     print("before", before, "\nafter", after)
     return before, after
 
 
 @pytest.mark.slow
-def test_erasing_red_on_the_toy_model(red_reports):
+def test_erasing_red_on_the_toy_model_at_two_training_seeds(red_reports):
     before, after = red_reports
-    assert before["word gone"] <= 0.1  # the original draws red
-    assert after["word gone"] >= 0.9 and after["synonyms gone"] >= 0.8
-    assert after["two: erased gone"] >= 0.65  # 71-96 % over training seeds 0-2 (docs/experiments.md, section 9)
-    assert before["motion kept"] >= 0.8 and after["motion kept"] >= 0.7  # the erased videos keep their content
+    assert before["word gone"] <= 0.1 and before["two: erased gone"] <= 0.1  # the original draws red
+    assert before["motion kept"] >= 0.8
+    worst = {k: min(a[k] for a in after.values()) for k in before}  # the worse of the two runs, row by row
+    assert worst["word gone"] >= 0.9 and worst["synonyms gone"] >= 0.9, after  # the README's bars, seeds 0-4
+    assert worst["two: erased gone"] >= 0.7, after
+    assert worst["motion kept"] >= 0.8  # the erased videos keep their content
     for colour in ("green", "blue", "white"):
-        assert after[colour] >= before[colour] - 0.05 - 1e-9, (colour, before[colour], after[colour])
+        assert worst[colour] >= before[colour] - 0.05 - 1e-9, (colour, before[colour], after)
+
+
+@pytest.mark.slow
+def test_erasing_red_in_bf16_trained_and_used_on_a_cpu(toy_pipe, tmp_path_factory):
+    eraser = toy_eraser(tmp_path_factory, "red_bf16", "--dtype", "bfloat16")
+    assert json.load(open(os.path.join(eraser, "eraser.json")))["dtype"] == "bfloat16"
+    after = toy.erasure_report(load_pipeline("toy", eraser=eraser, dtype="bfloat16"), "red", seed=11, steps=20)
+    print(after)
+    assert after["word gone"] >= 0.9 and after["synonyms gone"] >= 0.9 and after["two: erased gone"] >= 0.7, after
+    assert after["motion kept"] >= 0.8 and min(after[c] for c in ("green", "blue", "white")) >= 0.9, after
 
 
 @pytest.mark.slow
@@ -1058,6 +1077,7 @@ def test_erasing_red_on_the_toy_model(red_reports):
                                        "does at eta 3 (diagnose.py target)")
 def test_erasing_red_keeps_orange_yellow_and_the_second_square(red_reports):
     before, after = red_reports
+    after = after[0]
     assert after["orange"] >= before["orange"] - 0.05 and after["two: other kept"] >= 0.85
     assert after["yellow"] >= before["yellow"] - 0.05 - 1e-9
 
@@ -1503,3 +1523,122 @@ def test_an_attack_on_an_eraser_for_another_model_is_refused(quick_eraser, tiny_
     with pytest.raises(unlearn.UserError, match="another base model"):
         attack.main(["--model", tiny_dir, "--eraser", quick_eraser, "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------
+# One run on every device: the draws, the dtype, what a GPU user meets first
+
+def test_balanced_draws_cover_every_prompt_and_step_once_a_pass_whatever_the_batch():
+    for batch in (1, 3):
+        steps = 2 * 6 * 4 // batch  # two passes over 6 prompts x 4 sampling steps
+        draws = [unlearn.balanced_draws(7, 6, 4, batch, s) for s in range(steps)]
+        pairs = [(int(i), int(k)) for idx, ks in draws for i, k in zip(idx, ks)]
+        assert sorted(pairs[:24]) == sorted(pairs[24:]) == [(i, k) for i in range(6) for k in range(4)]
+        assert pairs[:24] != pairs[24:]  # each pass in its own order
+        again = unlearn.balanced_draws(7, 6, 4, batch, 5)  # any step's draws alone, as --resume needs them
+        assert all(torch.equal(a, b) for a, b in zip(again, draws[5]))
+    assert [int(i) for i in unlearn.balanced_draws(8, 6, 4, 24, 0)[0]] != [i for i, _ in pairs[:24]]  # seeded
+
+
+def test_balanced_choices_use_every_choice_as_often_as_n_allows():
+    from prompts import balanced_choices
+    for n in (3, 7, 32):
+        picks = balanced_choices(random.Random(n), "abcde", n)
+        counts = [picks.count(c) for c in "abcde"]
+        assert len(picks) == n and max(counts) - min(counts) <= 1
+
+
+class DeviceStreamGenerator(torch.Generator):
+    """A generator made for a named device, whose stream is not the CPU's (as a CUDA generator's is not)."""
+
+    def manual_seed(self, seed):
+        return super().manual_seed(seed + 1)
+
+
+def test_every_draw_of_a_run_is_the_same_whatever_device_the_run_names(tmp_path, monkeypatch):
+    def run_once(out):
+        unlearn.main(QUICK[1:] + ["--steps", "4", "--batch-size", "2", "--output-dir", str(out)])
+        return (out / "eraser.safetensors").read_bytes()
+    plain = run_once(tmp_path / "plain")
+    # Emulate a device with a stream of its own: a generator made for a named device, and tensors drawn on one,
+    # come out otherwise than on the CPU. The run's eraser must not change.
+    real_generator, real_draws = torch.Generator, {n: getattr(torch, n) for n in ("randn", "randint", "randperm")}
+    monkeypatch.setattr(torch, "Generator", lambda *device: (DeviceStreamGenerator if device else real_generator)())
+
+    def drawn_on(name):
+        def draw(*a, **kw):
+            out = real_draws[name](*a, **kw)
+            return out + 1 if kw.get("device") is not None else out
+        return draw
+    for name in real_draws:
+        monkeypatch.setattr(torch, name, drawn_on(name))
+    assert run_once(tmp_path / "device") == plain
+
+
+def test_eraser_json_records_the_dtype_and_device_it_ran_in_and_resume_refuses_another_dtype(tmp_path):
+    out = tmp_path / "run"
+    unlearn.main(QUICK[1:] + ["--steps", "4", "--checkpoint-every", "2", "--output-dir", str(out)])
+    meta = json.load(open(out / "eraser.json"))
+    assert (meta["dtype"], meta["device"]) == ("float32", "cpu")
+    with pytest.raises(unlearn.UserError, match=r"dtype \('float32' -> 'bfloat16'\)"):
+        unlearn.main(QUICK[1:] + ["--steps", "4", "--dtype", "bfloat16", "--output-dir", str(out), "--resume"])
+
+
+@pytest.mark.parametrize("kind", ["sincos-2B-like", "wan-2.1-like", "hunyuan-like"])
+def test_x_t_trajectories_stay_in_the_dtype_the_pipeline_keeps_its_latents_in(kind, tmp_path):
+    pipe = (tiny_pipeline(kind) if kind in TINY else FAMILY_TINY[kind]()).to(torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    args = small_args("toy", tmp_path)
+    prompts, anchors, preserved = unlearn.build_prompts(args, random.Random(0))
+    tokens, embeds = unlearn.encode_run_prompts(pipe, "red", prompts, anchors, preserved)
+    r = unlearn.Unlearning(args, pipe, embeds, tokens, log=lambda *_: None)
+    # CogVideoXPipeline casts its latents to the model's dtype every step; Wan's and HunyuanVideo's stay in fp32
+    assert r.xt.pool.dtype == (torch.bfloat16 if kind in TINY else torch.float32)
+    losses = r.step()
+    assert all(math.isfinite(v) for v in losses.values())
+
+
+def test_a_size_the_model_cannot_serve_is_refused_before_any_prompt_is_built(tmp_path, monkeypatch):
+    monkeypatch.setattr(unlearn, "build_prompts", lambda *a, **k: pytest.fail("prompts built before the check"))
+    with pytest.raises(unlearn.UserError, match=r"--num-frames 10: must be 1 \+ a multiple of 4"):
+        unlearn.main(["--model", "toy", "--concept", "red", "--num-frames", "10", "--output-dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("device, says", [("cuda", "has no CUDA GPU that torch can use; use --device cpu"),
+                                          ("gpu0", "not a device name; use cuda, cuda:N or cpu")])
+def test_a_device_this_machine_lacks_is_one_line(device, says, tmp_path):
+    for script in ("unlearn.py", "sample.py"):
+        argv = ["--model", "toy", "--device", device] + (
+            ["--concept", "red", "--output-dir", str(tmp_path / "o")] if script == "unlearn.py"
+            else ["--prompt", "a red square", "--out", str(tmp_path / "o")])
+        result = run(script, *argv)
+        assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert not (tmp_path / "o").exists()
+
+
+def test_loading_says_nothing_of_torch_dtype():
+    import warnings
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        unlearn.load_base_pipeline("toy", "cpu", "bfloat16")
+    assert not [w for w in seen if "torch_dtype" in str(w.message)], [str(w.message) for w in seen]
+
+
+def test_a_video_falls_back_to_a_gif_whenever_no_mp4_writer_works(tmp_path, monkeypatch):
+    import diffusers.utils
+
+    def no_plugin(*a, **k):  # what imageio without its ffmpeg plugin does inside diffusers' export_to_video
+        raise AttributeError("'NoneType' object has no attribute 'get_writer'")
+    monkeypatch.setattr(diffusers.utils, "export_to_video", no_plugin)
+    frames = np.random.default_rng(0).random((3, 16, 16, 3)).astype(np.float32)
+    path = save_video(frames, str(tmp_path / "v.mp4"))
+    assert path.endswith(".gif") and read_video(path).shape == (3, 16, 16, 3)
+
+
+def test_bench_whole_runs_the_real_command_lines_at_the_tiny_size():
+    result = run("bench.py", "--whole", "--tiny")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "# 9. Saved the eraser" in result.stdout
+    timed = re.findall(r"^  (\d+\.\d) s, peak memory (\d+\.\d\d) GiB$", result.stdout, re.M)
+    assert len(timed) == 2 and all(float(s) > 0 and float(m) > 0 for s, m in timed), result.stdout

@@ -1,4 +1,4 @@
-"""unlearn.py: T2VUnlearning (Ye et al. 2025, arXiv 2505.17550) for text-to-video diffusers pipelines.
+"""unlearn.py: T2VUnlearning (Cheng, Ye, Xiong, Li and Wang 2025, arXiv 2505.17550) for diffusers video pipelines.
 
 Erase a concept from a text-to-video model by training a small eraser in every attention
 block, so that the model stops drawing it, however the prompt words it, and draws
@@ -30,6 +30,7 @@ import json
 import os
 import random
 import re
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +38,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from families import Text, family_of
-from prompts import (REFINER_TRIES, concept_pattern, concept_templates, default_preserve, fill, load_grammar,
-                     read_prompts, refine_prompts, substitute)
+from prompts import (REFINER_TRIES, balanced_choices, concept_pattern, concept_templates, default_preserve, fill,
+                     load_grammar, read_prompts, refine_prompts, substitute)
 from runs import (UserError, no_timer, restore_checkpoint, run_cli, run_steps, save_checkpoint, why,
                   write_atomic)
 
@@ -71,9 +72,14 @@ def build_parser():
     g.add_argument("--preserve", action="append", default=None,
                    help="what must survive, put in the concept's place (repeatable; default suits the concept)")
     g = p.add_argument_group("the method")
-    g.add_argument("--eta", type=float, default=3.0, help="negative guidance strength of Eq. 1 (1-7; default 3)")
+    g.add_argument("--eta", type=float, default=3.0,
+                   help="negative guidance strength of Eq. 1 (1-7; default 3). The authors' released erasers are "
+                        "named neg_scale_7.0 (CogVideoX-5B nudity, with concept_reg_1.0, 500 iterations, lr 1e-4, "
+                        "prompts from 'naked body') and neg_strength 3.0 (HunyuanVideo)")
     g.add_argument("--anchor", choices=["removed", "empty"], default="removed",
-                   help="anchor of Eq. 1: the prompt without the concept's words (default), or the empty prompt")
+                   help="anchor of Eq. 1: the prompt without the concept's words (default), or the empty prompt "
+                        "(the paper's Eq. 1). Not the paper's default: on the toy the empty anchor erased red in "
+                        "12 %% of videos, the removed one in 100 %% (docs/experiments.md, section 0)")
     g.add_argument("--loc-weight", type=float, default=0.1, help="alpha, localization loss weight (0 = off)")
     g.add_argument("--pres-weight", type=float, default=1.0, help="beta, preservation loss weight (0 = off)")
     g.add_argument("--mask-threshold", type=float, default=0.1, help="concept mask threshold after min-max (0-1)")
@@ -87,7 +93,9 @@ def build_parser():
     g = p.add_argument_group("training")
     g.add_argument("--rank", type=int, default=128, help="eraser rank (default 128, as the released checkpoints)")
     g.add_argument("--steps", type=int, default=500, help="optimizer steps (default 500)")
-    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    g.add_argument("--lr", type=float, default=2e-4,
+                   help="AdamW learning rate (default 2e-4; the paper's is 1e-4, which on the toy left one training "
+                        "seed in five erasing a third less: docs/experiments.md, section 11)")
     g.add_argument("--batch-size", type=int, default=1, help="concept prompts per step (default 1)")
     g.add_argument("--num-frames", type=int, default=None,
                    help=f"video frames to train on (default {TRAIN_FRAMES}, or fewer if the model makes fewer: the "
@@ -133,11 +141,18 @@ def parse_args(argv=None):
 # 1. Load the pipeline
 
 def pick_device(device=None):
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The device asked for, else cuda if there is one; one line for a device this machine does not have."""
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a device name; use cuda, cuda:N or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no CUDA GPU that torch can use; use --device cpu")
+    return device
 
 
 def pick_dtype(device, dtype=None):
-    """bf16 on a GPU, fp32 on a CPU, unless asked (fp16 gives NaN after the first step: METHOD.md)."""
+    """bf16 on a GPU, fp32 on a CPU, unless asked (fp16 has been reported to give NaN after the first step)."""
     return getattr(torch, dtype) if dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -154,7 +169,9 @@ def load_base_pipeline(model, device=None, dtype=None, move=True):
     device = pick_device(device)
     path = model_folder(model)
     try:  # the pipeline class its model_index.json names; never remote code
-        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=pick_dtype(device, dtype), use_safetensors=True)
+        with warnings.catch_warnings():  # diffusers 0.42 renames torch_dtype to dtype; older ones read torch_dtype only
+            warnings.filterwarnings("ignore", "`torch_dtype` is deprecated", FutureWarning)
+            pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=pick_dtype(device, dtype), use_safetensors=True)
     except Exception as e:  # not found, no network, not a diffusers pipeline
         raise UserError(f"cannot load model '{model}' ({why(e)}); check the name, or try --model toy")
     family_of(pipe).check(pipe, model)  # one line for what these steps cannot serve, before any work
@@ -220,7 +237,8 @@ def build_prompts(args, rng, device=None, log=print):
     preserve = args.preserve or default_preserve(grammar, args.concept)
     anchors = ["" if args.anchor == "empty" else substitute(p, args.concept, "") for p in prompts]
     # c_pre: the prompt with something to keep in the concept's place, drawn once per prompt
-    return prompts, anchors, [substitute(p, args.concept, rng.choice(preserve)) for p in prompts]
+    return prompts, anchors, [substitute(p, args.concept, keep)
+                              for p, keep in zip(prompts, balanced_choices(rng, preserve, len(prompts)))]
 
 
 # -----------------------------------------------------------------------------
@@ -421,7 +439,7 @@ def x_t_sampler(pipe, steps, device=None):
 
 
 class NoisyLatents:
-    """Where x_t comes from (METHOD.md section 1), measured on the toy model (README, "Choices").
+    """Where x_t comes from (as ESD and Receler make it), measured on the toy (docs/experiments.md, section 0).
 
     'pool' (the default) runs each prompt's trajectory once before training, with the frozen
     model (erasers off), and draws a random step of one at every iteration. The pool stays in
@@ -443,18 +461,38 @@ class NoisyLatents:
             self.pool = torch.cat(chunks, dim=1)  # (steps + 1, prompts, *latent shape), in CPU memory
 
     def _sample(self, idx, steps=None):
-        noise = torch.randn((len(idx), *self.shape), generator=self.gen, device=self.gen.device)
-        return sample_latents(self.transformer, self.sampler, noise.to(self.transformer.dtype), self.embeds[idx],
+        noise = torch.randn((len(idx), *self.shape), generator=self.gen)  # drawn on the CPU: any device, one run
+        noise = noise.to(self.embeds.device, family_of(self.transformer).latent_dtype(self.transformer))
+        return sample_latents(self.transformer, self.sampler, noise, self.embeds[idx],
                               self.uncond, self.static, self.guidance, steps)
 
-    def draw(self, idx):
-        """x_t (B, *latent shape) and its timesteps t (B,) for the prompts `idx`: step k of their sampling."""
-        k = int(torch.randint(0, len(self.sampler.timesteps), (1,), generator=self.gen, device=self.gen.device))
+    def draw(self, idx, k):
+        """x_t (B, *latent shape) and its timesteps t (B,) for the prompts `idx` (B,): step k (B,) of their
+        sampling ('sample': all at step k[0], as one batch is sampled together)."""
         if self.kind == "pool":
-            x_t = self.pool[k, idx.cpu()].to(self.embeds.device)
+            x_t = self.pool[k, idx].to(self.embeds.device)
         else:  # the erasers are on: the model being trained samples
-            x_t = self._sample(idx, k)[-1]
-        return x_t, self.sampler.timesteps[k].expand(len(idx))
+            k = k[:1].expand(len(idx))
+            x_t = self._sample(idx.to(self.embeds.device), int(k[0]))[-1]
+        return x_t, self.sampler.timesteps[k.to(self.sampler.timesteps.device)]
+
+
+def balanced_draws(seed, num_prompts, num_steps, batch, step):
+    """Optimizer step `step`'s batch: prompt indices (B,) and sampling steps k (B,), CPU tensors.
+
+    Not independent draws: the run goes through every (prompt, k) pair once per pass, in an order drawn
+    afresh each pass from a CPU generator seeded by (seed, pass), so every prompt and every noise level is
+    trained on equally often and the draws of step s are the same on any device and after --resume.
+    Measured on the toy: independent draws left some seeds' erasers a third weaker (docs/experiments.md, 11).
+    """
+    pairs = num_prompts * num_steps
+    positions = torch.arange(step * batch, (step + 1) * batch)
+    picks = torch.empty(batch, dtype=torch.long)
+    for p in positions.div(pairs, rounding_mode="floor").unique().tolist():  # the pass(es) this batch falls in
+        order = torch.randperm(pairs, generator=torch.Generator().manual_seed(seed * 1_000_003 + p))
+        here = positions.div(pairs, rounding_mode="floor") == p
+        picks[here] = order[positions[here] % pairs]
+    return picks // num_steps, picks % num_steps
 
 
 # -----------------------------------------------------------------------------
@@ -571,8 +609,10 @@ class Unlearning:
         resolve_defaults(pipe, args)
         shape = video_shape(pipe, args.num_frames, args.height, args.width)
         self.static, self.grid = model_inputs(pipe, shape, args.guidance), token_grid(self.transformer, shape)
+        # Every draw of the run (x_t noise, prompts, steps) comes from one CPU generator seeded by --seed and moves
+        # to the device after: a CUDA generator's stream is not the CPU's, so --seed is one run on every device.
         torch.manual_seed(args.seed)
-        self.gen = torch.Generator(device).manual_seed(args.seed)
+        self.gen = torch.Generator().manual_seed(args.seed)
         # 4. Attach the erasers, zero: the transformer is still the original model
         self.erasers, self.state = attach_erasers(self.transformer, args.rank, device)
         self.tokens = tokens.to(device)
@@ -586,14 +626,18 @@ class Unlearning:
         # 8. AdamW on the erasers alone, with gradient checkpointing of whole blocks
         self.transformer.enable_gradient_checkpointing()
         self.opt = torch.optim.AdamW(self.erasers.parameters(), lr=args.lr)
+        self.done = 0  # optimizer steps taken: which draws come next
 
     def step(self, timer=no_timer):
         """One optimizer step of steps 5-8; returns the loss terms. `timer(name)` times each part (bench.py)."""
         args, use_pre, use_loc = self.args, self.args.pres_weight > 0, self.args.loc_weight > 0
-        idx = torch.randint(0, len(self.cond), (args.batch_size,), generator=self.gen, device=self.gen.device)
-        with timer("x_t"):  # 5. x_t: a random step of the batch's trajectories
-            x_t, t = self.xt.draw(idx)
-        # Preservation at the same x_t (METHOD.md's L_pre). Measured on the toy, c_pre at its own
+        idx, k = balanced_draws(args.seed, len(self.cond), len(self.xt.sampler.timesteps), args.batch_size,
+                                self.done)
+        self.done += 1
+        with timer("x_t"):  # 5. x_t: step k of the batch's trajectories
+            x_t, t = self.xt.draw(idx, k)
+        idx = idx.to(self.cond.device)
+        # Preservation at the same x_t (the paper's L_pre). Measured on the toy, c_pre at its own
         # trajectories' x_t erased red in two-square scenes far less (docs/experiments.md, section 1).
         c_pre = self.pre[idx] if use_pre else None
         with timer("teacher and masks"):
@@ -633,6 +677,7 @@ def train(args, pipe, embeds, tokens, log=print, checkpoint=None):
     start, history = 0, {"unlearn": [], "loc": [], "pre": []}
     if args.resume:
         start, history = restore_checkpoint(args.output_dir, result_settings(args), u.erasers, u.opt, u.gen)
+        u.done = start
         log(f"# 8. Resumed from the checkpoint at step {start}")
     try:
         run_steps(u.step, start, args.steps, history, args.checkpoint_every or max(1, args.steps // 10),
@@ -688,10 +733,12 @@ def main(argv=None):
     check_output_dir(args)
     rng = random.Random(args.seed)
     device = pick_device(args.device)
+    args.device, args.dtype = str(device), str(pick_dtype(device, args.dtype)).removeprefix("torch.")  # as run
 
     # 1. Load the pipeline, into CPU memory: each part goes to the GPU only while it works
     pipe = load_base_pipeline(args.model, device, args.dtype, move=False)
     resolve_defaults(pipe, args)
+    video_shape(pipe, args.num_frames, args.height, args.width)  # a size the model cannot serve: refused now
     print(f"# 1. Loaded {args.model} ({pipe.transformer.dtype}) for {device}; "
           f"videos of {args.num_frames} frames at {args.height}x{args.width}")
 

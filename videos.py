@@ -60,7 +60,7 @@ def save_video(frames, path, fps=8):
         try:
             export_to_video(list(np.clip(frames, 0, 1)), path, fps=fps)
             return path
-        except (ImportError, RuntimeError, OSError):
+        except Exception:  # no writer: imageio without its ffmpeg plugin raises AttributeError, others other errors
             path = path[:-4] + ".gif"
     export_to_gif([Image.fromarray((np.clip(f, 0, 1) * 255).round().astype(np.uint8)) for f in frames], path, fps=fps)
     return path
