@@ -3,7 +3,7 @@
     python bench.py                  # CPU: a random CogVideoX at a long video sequence, about 8 minutes on 2 cores
     python bench.py --family wan     # the same for Wan (or hunyuan): each family has its tiny and CPU size
     python bench.py --gpu            # one GPU: CogVideoX-2B, 5B, 1.5, Wan 2.1 1.3B and HunyuanVideo shapes,
-                                     # random weights, bf16 (estimated under 8 minutes; not yet run)
+                                     # random weights, bf16 (a shape takes a minute or more on an H200)
     python bench.py --tiny           # the smallest size, to keep this script working (the tests run it)
     python bench.py --gpu --toy --whole --budget 540   # what the next GPU at hand runs, most needed first:
         --toy    the toy's Quick start and its `sample.py --eval toy` on cuda (bf16 and fp32) and on the CPU,
@@ -260,7 +260,8 @@ def whole_pipeline(folder, size, device):
 
 def command(module, argv):
     """--cli: one of the project's command lines in this process; its time and peak memory as the last line."""
-    device = "cuda" if torch.cuda.is_available() and "cpu" not in argv else "cpu"
+    asked = argv[argv.index("--device") + 1] if "--device" in argv else None
+    device = "cuda" if (asked or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else "cpu"
     reset_peak(device)
     start = time.perf_counter()
     importlib.import_module(module).main(argv)

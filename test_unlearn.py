@@ -53,7 +53,9 @@ def test_readme_quick_start_has_setup_and_test_commands_that_ci_runs():
 
 def test_every_flag_the_readme_names_is_one_the_commands_take():
     readme = open(os.path.join(HERE, "README.md")).read()
-    sources = "".join(open(os.path.join(HERE, f)).read() for f in os.listdir(HERE) if f.endswith(".py"))
+    files = [f for f in os.listdir(HERE) if f.endswith(".py")] + [os.path.join("docs", f) for f in
+                                                                   os.listdir(os.path.join(HERE, "docs"))]
+    sources = "".join(open(os.path.join(HERE, f)).read() for f in files if f.endswith(".py"))
     taken = set(re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", sources))
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", readme)) - {"--help"}
     assert len(taken) > 40 and named and named <= taken, named - taken

@@ -442,7 +442,7 @@ class NoisyLatents:
     """Where x_t comes from (as ESD and Receler make it), measured on the toy (docs/experiments.md, section 0).
 
     'pool' (the default) runs each prompt's trajectory once before training, with the frozen
-    model (erasers off), and draws a random step of one at every iteration. The pool stays in
+    model (erasers off); each iteration reads the steps `balanced_draws` picks. The pool stays in
     CPU memory (12 GB at 256 prompts and 49 frames) and one draw at a time goes to the GPU.
     'sample' is ESD's: every step, the model being trained (erasers on, as ESD samples with the
     model it fine-tunes) samples from fresh noise for a random k of N steps; all velocities are
