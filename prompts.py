@@ -7,12 +7,14 @@
   writes its small language there), and `--grammar FILE` gives one for any model.
 - An optional language model that rewrites each prompt richly (`refine_prompts`).
 - A prompts file, for unlearn.py and sample.py alike: a CSV with a 'prompt' (and 'seed') column,
-  or one prompt a line (`read_prompts`).
+  the paper's prompt sets as published among them, or one prompt a line (`read_prompts`); the
+  prompts that name the concept, with a line on those dropped (`keep_naming`).
 - What "a text names the concept" means, and the text with the concept taken out or replaced
   (`concept_pattern`, `substitute`): one definition for every step that asks.
 """
 
 import csv
+import io
 import json
 import os
 import re
@@ -196,16 +198,55 @@ def refine_prompts(prompts, concept, refiner, device, dtype, tries=REFINER_TRIES
     return refined, dropped
 
 
+SEED_COLUMNS = ("seed", "evaluation_seed")  # the authors' prompt sets; the faces' set calls it evaluation_seed
+
+
 def read_prompts(path, seed):
-    """[(prompt, seed)] from a CSV with a 'prompt' column (and maybe 'seed'), or a text file, one a line."""
+    """[{"prompt", "seed", "columns"}] from a prompts file: a CSV with a 'prompt' column, or one prompt a line.
+
+    The CSV layouts of the paper's prompt sets read as published: `prompt,seed,concept,concept_type`,
+    Ring-A-Bell's `prompt,normal prompt` and the faces' `case_number,prompt,class,evaluation_seed`. A seed
+    column is used where present (else `seed`); every other column is kept as "columns". A byte-order mark
+    is skipped, and a quoted prompt that spans lines is read as one line of words.
+    """
     if not os.path.isfile(path):
         raise UserError(f"--prompts-file {path}: no such file")
-    with open(path, encoding="utf-8", newline="") as f:
-        text = f.read()
-    if path.lower().endswith(".csv"):
-        rows = list(csv.DictReader(text.splitlines()))
-        if not rows or "prompt" not in rows[0]:
-            raise UserError(f"--prompts-file {path}: a CSV needs a 'prompt' column (and may have 'seed')")
-        return [(r["prompt"].strip(), int(r["seed"]) if (r.get("seed") or "").strip() else seed) for r in rows
-                if r["prompt"].strip()]
-    return [(line.strip(), seed) for line in text.splitlines() if line.strip()]
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: a BOM is not part of the header
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--prompts-file {path}: cannot read it as UTF-8 text ({why(e)})")
+    one_line = lambda s: " ".join((s or "").split())  # noqa: E731  a prompt quoted over several lines is one
+    if not path.lower().endswith(".csv"):
+        return [dict(prompt=one_line(line), seed=seed, columns={}) for line in text.splitlines() if line.strip()]
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = {name.strip().lower(): name for name in reader.fieldnames or [] if name}
+    if "prompt" not in header:
+        raise UserError(f"--prompts-file {path}: a CSV needs a 'prompt' column (and may have 'seed'); "
+                        f"its header is {', '.join(reader.fieldnames or []) or 'empty'}")
+    seed_column = next((header[c] for c in SEED_COLUMNS if c in header), None)
+    rows = []
+    for row in reader:
+        prompt = one_line(row.get(header["prompt"]))
+        if not prompt:
+            continue
+        try:
+            own = int(float(row[seed_column])) if seed_column and (row.get(seed_column) or "").strip() else seed
+        except ValueError:
+            raise UserError(f"--prompts-file {path}, line {reader.line_num}: seed {row[seed_column]!r} is not a "
+                            "whole number")
+        others = {k: v for k, v in row.items() if k and k not in (header["prompt"], seed_column)}
+        rows.append(dict(prompt=prompt, seed=own, columns=others))
+    return rows
+
+
+def keep_naming(prompts, grammar, concept):
+    """The prompts that name the concept (the concept mask needs its words), and a line on those dropped."""
+    kept = [p for p in prompts if concept_pattern(concept).search(p)]
+    dropped = [p for p in prompts if not concept_pattern(concept).search(p)]
+    synonyms = concept_words(grammar, concept)[1:]
+    near = {w for p in dropped for w in synonyms if concept_pattern(w).search(p)}
+    said = (f"; {sum(names_any(p, synonyms) for p in dropped)} of them say {', '.join(sorted(near))}, which are "
+            f"not '{concept}': name it in them, or erase that word with its own --concept") if near else ""
+    return kept, (f"--prompts-file: kept {len(kept)} of {len(prompts)} prompts; dropped {len(dropped)} that do not "
+                  f"name '{concept}' (only that phrase, in any case, counts){said}")

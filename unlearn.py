@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import functools
 import gc
-import json
 import os
 import random
 import re
@@ -39,9 +38,9 @@ from tqdm.auto import tqdm
 
 from families import Text, family_of
 from prompts import (REFINER_TRIES, balanced_choices, concept_pattern, concept_templates, default_preserve, fill,
-                     load_grammar, read_prompts, refine_prompts, substitute)
+                     keep_naming, load_grammar, read_prompts, refine_prompts, substitute)
 from runs import (UserError, no_timer, restore_checkpoint, run_cli, run_steps, save_checkpoint, why,
-                  write_atomic)
+                  write_atomic, write_json)
 
 TRAIN_FRAMES = 17  # default training length: see --num-frames
 TOY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")  # --model toy: the toy.py pipeline
@@ -226,7 +225,10 @@ def build_prompts(args, rng, device=None, log=print):
     else:
         prompts = [fill(t, args.concept) for t in concept_templates(grammar, rng, args.num_prompts, args.concept)]
     if args.prompts_file:  # sample.py's format: a CSV with a 'prompt' column, or one a line
-        prompts += [p for p, _ in read_prompts(args.prompts_file, args.seed) if concept_pattern(args.concept).search(p)]
+        kept, said = keep_naming([r["prompt"] for r in read_prompts(args.prompts_file, args.seed)], grammar,
+                                 args.concept)
+        prompts += kept
+        log(f"# 2. {said}")
     if args.refiner:
         asked = len(prompts)
         device = pick_device(device)
@@ -714,10 +716,7 @@ def save_eraser(output_dir, erasers, meta):
     weights = {k: v.detach().float().cpu().contiguous() for k, v in erasers.state_dict().items()}
     write_atomic(os.path.join(output_dir, "eraser.safetensors"), lambda p: save_file(weights, p))
 
-    def write_json(p):
-        with open(p, "w") as f:
-            json.dump(meta, f, indent=2, default=str)
-    write_atomic(os.path.join(output_dir, "eraser.json"), write_json)
+    write_json(os.path.join(output_dir, "eraser.json"), meta)
 
 
 def check_output_dir(args):
