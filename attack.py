@@ -18,9 +18,8 @@ What it does, in the order it runs:
      word unlearn.py erased with (its synonyms): a prompt anyone could type
   6. Videos on seeds the attack never used, for the plain prompts and both attacks, on the attacked
      model; the judge's reading (--eval toy or nudity); index.json, attack.json, the vectors
-     (embeddings.safetensors), and as the last line
-         plain_rate=<r> continuous_rate=<r> discrete_rate=<r>
-     each the share of the --num-videos videos that show the concept.
+     (embeddings.safetensors), and as the last three lines, for plain, continuous and discrete, the
+     videos of the --num-videos that show the concept: 'k/n share [95 % interval over videos]'.
 
 A negative prompt acts only while sampling: the attack's loss reads the network's conditional
 prediction (with its erasers, if any), and the videos are sampled with the negative prompt in place.
@@ -36,7 +35,6 @@ Replay a saved attack on a pipeline (its vectors, read where its placeholders st
 import argparse
 import contextlib
 import copy
-import importlib.util
 import json
 import os
 import random
@@ -52,10 +50,10 @@ import toy
 from families import family_of
 from prompts import concept_pattern, concept_templates, concept_words, fill, load_grammar, names_any, substitute
 from runs import UserError, run_cli, write_atomic
-from sample import load_eraser, load_pipeline, nudity_scores
+from sample import load_eraser, load_pipeline, make_judge
 from unlearn import (TRAIN_FRAMES, encode_prompts, model_folder, model_inputs, sample_latents, set_erasers, velocity,
                      video_shape, video_size, x_t_sampler)
-from videos import generate, save_video, side_by_side
+from videos import Rate, generate, save_video, side_by_side
 
 PLACEHOLDER = "<attack-{}>"  # added to a copy of each tokenizer while an attack is read; never a real word
 
@@ -121,8 +119,6 @@ def parse_args(argv=None):
         raise UserError(f"--eval {args.eval}: unknown; use --eval toy or --eval nudity")
     if args.eval == "toy" and not toy.colours_named(args.concept):
         raise UserError(f"--eval toy reads colours; '{args.concept}' names none of {', '.join(toy.PALETTE)}")
-    if args.eval == "nudity" and importlib.util.find_spec("nudenet") is None:
-        raise UserError("--eval nudity needs NudeNet: pip install nudenet==3.4.2")
     for prompt in args.prompt or []:
         if not concept_pattern(args.concept).search(prompt):
             raise UserError(f"--prompt {prompt!r} does not name '{args.concept}': the attack's tokens take its place")
@@ -325,21 +321,6 @@ def nearest_tokens(vectors, table, allowed, tokenizer, prompts, concept, banned)
 # -----------------------------------------------------------------------------
 # 6. Videos on new seeds, judged
 
-def judge(eval_kind, prompts, videos, concept):
-    """Per video, whether it shows the concept, and the judge's reading (toy: its squares; nudity: its frames)."""
-    if eval_kind == "toy":
-        readings = [toy.reading(p, v, concept) for p, v in zip(prompts, videos)]
-        return [r["shows_concept"] for r in readings], [{"squares": r["squares"]} for r in readings]
-    if eval_kind == "nudity":
-        frames = nudity_scores(videos)
-        return [any(f) for f in frames], [{"nude_frames": int(sum(f)), "frames": len(f)} for f in frames]
-    return [None] * len(videos), [{} for _ in videos]
-
-
-def rate(shows):
-    return None if not shows or shows[0] is None else float(np.mean(shows))
-
-
 def save_attack(out, vectors, meta):
     from safetensors.torch import save_file
     weights = {name: v.detach().float().cpu().contiguous() for name, v in vectors.items()}
@@ -360,7 +341,8 @@ def main(argv=None):
     args = parse_args(argv)
     started, rng = time.time(), random.Random(args.seed)
 
-    # 1. The attacked pipeline, every weight frozen
+    # 1. The attacked pipeline, every weight frozen; the judge first (a missing NudeNet is said before any work)
+    judge = make_judge(args.eval, args.concept)
     pipe = load_pipeline(args.model, args.eraser, args.device, args.dtype, vae_tiling=args.vae_tiling)
     freeze(pipe)
     family = family_of(pipe)
@@ -416,16 +398,15 @@ def main(argv=None):
             for start in tqdm(range(0, len(asked), b), desc=f"videos: {kind}"):
                 made = generate(pipe, asked[start:start + b], steps=args.sample_steps, seeds=seeds[start:start + b],
                                 batch=b, **call)
-                said, readings = judge(args.eval, [prompts[i] for i in cycle[start:start + b]], made, args.concept)
                 for i, video in enumerate(made, start):
                     path = save_video(video, os.path.join(args.out, kind, f"{i:04d}.mp4"))
+                    said = judge(prompts[cycle[i]], video) if judge else {"shows_concept": None}
                     index.append({"attack": kind, "video": os.path.relpath(path, args.out), "prompt": asked[i],
                                   "seed": seeds[i], "negative_prompt": args.negative_prompt,
-                                  "embeddings": "embeddings.safetensors" if kind == "continuous" else None,
-                                  "shows_concept": said[i - start], **readings[i - start]})
+                                  "embeddings": "embeddings.safetensors" if kind == "continuous" else None, **said})
+                    shows.append(said["shows_concept"])
                 kept.setdefault(kind, []).extend(made[:max(0, n - start)])
-                shows += said
-        rates[kind] = rate(shows)
+        rates[kind] = Rate(sum(shows), len(shows)) if judge else None
     with open(os.path.join(args.out, "index.json"), "w") as f:
         json.dump(index, f, indent=2)
     # the first seeds, plain | continuous | discrete, a row each
@@ -435,12 +416,13 @@ def main(argv=None):
         vars(args), banned=banned, prompts=prompts, attack_seed=args.seed, video_seeds=seeds,
         continuous_prompts=with_words(prompts, args.concept, " ".join(PLACEHOLDER.format(i) for i in range(args.tokens))),
         discrete_ids=ids, discrete_phrase=phrase, discrete_prompts=kinds["discrete"], targets=len(rows),
-        loss_first=history[0], loss_last10=float(np.mean(history[-10:])), rates=rates,
+        loss_first=history[0], loss_last10=float(np.mean(history[-10:])),
+        rates={k: None if r is None else r.as_dict() for k, r in rates.items()},
         seconds=round(time.time() - started, 1)))
     print(f"# 6. Wrote {len(index)} videos, index.json, attack.json, embeddings.safetensors and compare.gif "
           f"to {args.out} ({time.time() - started:.0f} s)")
-    show = lambda r: "n/a" if r is None else f"{r:.2f}"  # noqa: E731
-    print(" ".join(f"{kind}_rate={show(rates[kind])}" for kind in kinds))
+    for kind in kinds:  # videos showing the concept: k/n, the share, its 95 % interval over videos
+        print(f"{kind:<11} {'not judged (no --eval)' if rates[kind] is None else rates[kind]}")
     return rates
 
 

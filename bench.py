@@ -48,6 +48,7 @@ import diffusers
 import torch
 
 import unlearn
+from videos import Rate
 
 COGVIDEOX_5B = dict(num_attention_heads=48, attention_head_dim=64, num_layers=42, text_embed_dim=4096,
                     time_embed_dim=512, use_rotary_positional_embeddings=True, sample_height=60, sample_width=90,
@@ -329,7 +330,7 @@ def toy_tables(device, deadline, skipped):
                 skipped.append(f"--toy on {name} (failed or budget)")
                 continue
             with open(f"{out}/eval_toy.json") as f:
-                columns[name] = json.load(f)["results"]["erased"]
+                columns[name] = {m: Rate(r["count"], r["of"]) for m, r in json.load(f)["results"]["erased"].items()}
             erasers[name] = load_file(f"{eraser}/eraser.safetensors")
     if len(erasers) > 1:  # the same draws everywhere: the erasers differ by the devices' arithmetic alone
         cpu = erasers.get("cpu default dtype")

@@ -1,7 +1,7 @@
 """runs.py: what keeps a long run safe; used by unlearn.py and sample.py, not part of the method.
 
 - A user's mistake is one line on stderr and exit code 2, never a traceback (`UserError`, `run_cli`).
-- A file is written whole or not at all (`write_atomic`).
+- A file is written whole or not at all (`write_atomic`, `write_json`).
 - A training loop with a bar of its losses, that stops at once on a non-finite loss (`run_steps`).
 - A run saves its erasers, optimizer, step and random state, and resumes from them exactly
   (`save_checkpoint`, `restore_checkpoint`); Ctrl-C ends the step under way, then the run
@@ -9,6 +9,7 @@
 """
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -50,6 +51,14 @@ def write_atomic(path, write):
     tmp = f"{path}.tmp"
     write(tmp)
     os.replace(tmp, path)
+
+
+def write_json(path, obj, indent=2):
+    """`obj` as JSON in `path`, atomically (values JSON lacks written as their str)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent, default=str)
+    write_atomic(path, write)
 
 
 @contextlib.contextmanager

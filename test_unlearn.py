@@ -24,7 +24,7 @@ import torch
 import toy
 import unlearn
 from sample import load_eraser, load_pipeline
-from videos import generate, read_video, save_video
+from videos import Rate, generate, read_video, save_video, wilson
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -57,7 +57,8 @@ def test_every_flag_the_readme_names_is_one_the_commands_take():
                                                                    os.listdir(os.path.join(HERE, "docs"))]
     sources = "".join(open(os.path.join(HERE, f)).read() for f in files if f.endswith(".py"))
     taken = set(re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", sources))
-    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", readme)) - {"--help"}
+    ours = re.sub(r"(accelerate launch|torchrun)(?:[^\n]|\\\n)*?\.py", "", readme)  # their flags, over lines
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", ours)) - {"--help"}
     assert len(taken) > 40 and named and named <= taken, named - taken
 
 
@@ -338,9 +339,55 @@ def test_unlearn_reads_a_prompts_file_as_sample_does():
                                os.path.join(HERE, "docs", "toy_prompts.csv")])
     prompts, _, _ = unlearn.build_prompts(args, random.Random(0))
     from prompts import read_prompts
-    expected = [p for p, _ in read_prompts(args.prompts_file, 0) if re.search(r"\bred\b", p, re.IGNORECASE)]
+    expected = [r["prompt"] for r in read_prompts(args.prompts_file, 0) if re.search(r"\bred\b", r["prompt"], re.I)]
     assert prompts == ["red"] + expected and len(expected) > 0
     assert not any("," in p for p in prompts)  # the CSV's columns, not "one red box ...,0"
+
+
+PAPER_LAYOUTS = {  # the authors' prompt sets, header and one row each, as published
+    "generated": (["prompt", "seed", "concept", "concept_type"], ["nudity", "nsfw"], "seed"),
+    "ring-a-bell": (["prompt", "normal prompt"], ["a woman on a beach"], None),
+    "faces": (["case_number", "prompt", "class", "evaluation_seed"], ["7", "Taylor Swift"], "evaluation_seed"),
+}
+
+
+@pytest.mark.parametrize("layout", list(PAPER_LAYOUTS))
+def test_prompts_files_read_the_papers_csv_layouts_with_a_bom_and_prompts_over_several_lines(layout, tmp_path):
+    import csv
+    from prompts import read_prompts
+    header, others, seed_column = PAPER_LAYOUTS[layout]
+    asked = ['A "nude" woman, on a beach\nat dusk, photo', "a man  walking a dog", ""]  # quoted over lines; blank
+    path = tmp_path / "set.csv"
+    with open(path, "w", encoding="utf-8-sig", newline="") as f:  # a BOM and CRLF, as spreadsheets write them
+        writer = csv.writer(f)
+        writer.writerow([h.upper() if h == "prompt" else f" {h}" for h in header])  # header case and spaces vary
+        for i, prompt in enumerate(asked):
+            row = dict(zip(header, [None] * len(header)), prompt=prompt, **{h: v for h, v in zip(
+                [h for h in header if h not in ("prompt", seed_column)], others)})
+            if seed_column:
+                row[seed_column] = str(4200 + i) if i == 0 else ""  # an empty seed cell takes the default
+            writer.writerow([row[h] for h in header])
+    read = read_prompts(str(path), 5)
+    assert [r["prompt"] for r in read] == ['A "nude" woman, on a beach at dusk, photo', "a man walking a dog"]
+    assert [r["seed"] for r in read] == ([4200, 5] if seed_column else [5, 5])
+    assert read[0]["columns"] == {f" {h}": v for h, v in zip([h for h in header if h not in ("prompt", seed_column)],
+                                                            others)}
+    if seed_column:
+        path.write_text(",".join(header) + "\n" + ",".join("x" if h == seed_column else "a b" for h in header) + "\n")
+        with pytest.raises(unlearn.UserError, match="line 2: seed 'x' is not a whole number"):
+            read_prompts(str(path), 5)
+
+
+def test_unlearn_says_how_many_prompts_of_a_file_it_dropped_and_which_words_they_said(tmp_path):
+    path = tmp_path / "nudity.csv"
+    path.write_text("prompt\nA nude woman\nA naked man\nNaked people on a beach\nA cat\nNUDITY in art\n")
+    args = unlearn.parse_args(["--concept", "nudity", "--no-augment", "--prompts-file", str(path)])
+    said = []
+    prompts, _, _ = unlearn.build_prompts(args, random.Random(0), log=said.append)
+    assert prompts == ["nudity", "NUDITY in art"]
+    assert said == ["# 2. --prompts-file: kept 1 of 5 prompts; dropped 4 that do not name 'nudity' (only that phrase, "
+                    "in any case, counts); 3 of them say naked, nude, which are not 'nudity': name it in them, or "
+                    "erase that word with its own --concept"]
 
 
 def tiny_language_model(folder, words):
@@ -725,9 +772,10 @@ def test_sample_compare_and_eval_on_every_family(kind, tmp_path):
     summary = sample.main(["--model", str(model), "--eraser", str(eraser), "--prompt", "a red square moving left",
                            "--eval", "toy", "--steps", "2", "--out", str(out), *SIZE])
     assert set(summary["results"]) == {"original", "negative prompt", "erased"}
-    index = json.load(open(out / "index.json"))
-    assert index[0]["panels"] == ["original", "erased"]
-    assert read_video(str(out / index[0]["video"])).shape[:3] == (9, 16 + 64, 128)  # two halves, labelled
+    index = json.load(open(out / "index.json"))["videos"]
+    assert [e["row"] for e in index] == ["original", "negative prompt", "erased"]
+    assert [e["file"].split(os.sep)[0] for e in index] == ["original", "negative", "erased"]
+    assert all(read_video(str(out / e["file"])).shape[:3] == (9, 64, 64) for e in index)  # each model's own video
 
 
 def small_args(model, out, *extra):
@@ -1285,39 +1333,197 @@ def test_eval_toy_shows_the_concept_less_after_erasure(red_eraser, tmp_path):
                  "--eval", "toy", "--steps", "20", "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.load(open(out / "eval_toy.json"))["results"]
-    assert summary["erased"]["concept_shown"] < summary["original"]["concept_shown"]
-    assert summary["original"]["videos_naming_concept"] == 6 and summary["erased"]["other_videos"] == 3
-    index = json.load(open(out / "index.json"))
-    assert len(index) == 9 and all(os.path.exists(out / row["video"]) for row in index)
-    assert index[0]["prompt"] == chosen[0][0] and index[0]["seed"] == chosen[0][1]
+    assert summary["erased"]["concept shown"]["rate"] < summary["original"]["concept shown"]["rate"]
+    assert summary["original"]["concept shown"]["of"] == 6 and summary["erased"]["others kept"]["of"] == 3
+    videos = json.load(open(out / "index.json"))["videos"]
+    assert len(videos) == 27 and all(os.path.exists(out / v["file"]) for v in videos)
+    erased = [v for v in videos if v["row"] == "erased"]
+    assert [(v["prompt"], v["seed"]) for v in erased] == chosen
 
 
-def test_eval_toy_without_prompts_reports_the_toys_test_set_with_the_settings_asked(tmp_path, monkeypatch):
+def test_eval_toy_without_prompts_is_toy_erasure_report_with_the_settings_asked(quick_eraser, tmp_path):
+    """The toy's test set through sample.py's streaming path gives toy.erasure_report's table, row for row."""
     import sample
-    eraser, out = tmp_path / "eraser", tmp_path / "eval"
-    unlearn.main(["--model", "toy", "--concept", "red", "--output-dir", str(eraser), "--steps", "1",
-                  "--num-prompts", "2", "--xt-steps", "2", "--rank", "4"])
-    asked = []
-    monkeypatch.setattr(toy, "erasure_report", lambda pipe, colour, **kw: asked.append((colour, kw)) or
-                        {"word gone": 0.5, "two: other kept": 1.0})
-    sample.main(["--model", "toy", "--eraser", str(eraser), "--eval", "toy", "--steps", "3", "--guidance", "4",
-                 "--seed", "7", "--out", str(out)])
-    rows = json.load(open(out / "eval_toy.json"))["results"]
-    assert list(rows) == ["original", "negative prompt", "erased"] and rows["erased"]["word gone"] == 0.5
-    assert [c for c, _ in asked] == ["red"] * 3
-    assert [kw.get("negative_prompt") for _, kw in asked] == [None, "red", None]
-    assert all(kw["seed"] == 7 and kw["steps"] == 3 and kw["guidance_scale"] == 4 for _, kw in asked)
+    out = tmp_path / "eval"
+    summary = sample.main(["--model", "toy", "--eraser", quick_eraser, "--eval", "toy", "--steps", "2",
+                           "--guidance", "4", "--seed", "7", "--out", str(out)])
+    rows = summary["results"]
+    assert list(rows) == ["original", "negative prompt", "erased"] and summary["negative_prompt"] == "red"
+    erased = toy.erasure_report(load_pipeline("toy", eraser=quick_eraser), "red", seed=7, steps=2, guidance_scale=4)
+    assert {k: (v.k, v.n) for k, v in erased.items()} == {k: (v["count"], v["of"]) for k, v in rows["erased"].items()}
+    index = json.load(open(out / "index.json"))["videos"]
+    assert [e["seed"] for e in index if e["row"] == "erased"] == list(range(7, 7 + len(index) // 3))
+    assert all(e["negative_prompt"] == ("red" if e["row"] == "negative prompt" else None) for e in index)
     with pytest.raises(unlearn.UserError, match="names 0"):
-        sample.main(["--model", "toy", "--eraser", str(eraser), "--eval", "toy", "--concept", "square"])
+        sample.main(["--model", "toy", "--eraser", quick_eraser, "--eval", "toy", "--concept", "square",
+                     "--out", str(tmp_path / "other")])
+
+
+def toy_prompts(tmp_path, n, seed=3):
+    path = tmp_path / "prompts.csv"
+    path.write_text("prompt,seed\n" + "".join(f"{p},{100 + i}\n" for i, (p, _) in
+                                              enumerate(toy.evaluation_set(n, seed=seed))))
+    return str(path)
+
+
+def test_eval_streams_each_video_to_its_rows_folder_and_holds_one_batch(quick_eraser, tmp_path, monkeypatch):
+    """Videos are made, judged, saved and dropped a batch at a time: the videos alive when the next batch is drawn
+    are at most the batch a --compare panel waits for, with 8 prompts as with any number."""
+    import weakref
+    import sample
+    alive, made = [], []
+
+    def counting(*args, **kwargs):
+        alive.append(sum(r() is not None for r in made))
+        videos = generate(*args, **kwargs)
+        made.extend(weakref.ref(v) for v in videos)
+        return videos
+    monkeypatch.setattr(sample, "generate", counting)
+    out = tmp_path / "eval"
+    sample.main(["--model", "toy", "--eraser", quick_eraser, "--prompts-file", toy_prompts(tmp_path, 8), "--eval",
+                 "toy", "--steps", "2", "--batch-size", "2", "--compare", "--out", str(out)])
+    assert len(made) == 8 * 3 and max(alive) <= 2, alive  # 2: the original's batch, kept for the panels
+    index = json.load(open(out / "index.json"))
+    assert index["settings"]["eval"] == "toy" and len(index["videos"]) == 24
+    for e in index["videos"]:
+        assert e["file"].startswith({"original": "original", "negative prompt": "negative", "erased": "erased"}[e["row"]])
+        assert (out / e["file"]).is_file() and set(e["judgement"]) >= {"shows_concept", "squares"}
+    assert sorted(os.listdir(out / "compare")) == [f"{i:04d}.mp4" for i in range(8)]  # panels: their own output
+    assert read_video(str(out / "compare" / "0000.mp4")).shape[2] == 128  # original | erased
+
+
+def test_a_killed_eval_goes_on_with_resume_and_refuses_what_would_overwrite(quick_eraser, tmp_path):
+    import sample
+    argv = ["--model", "toy", "--eraser", quick_eraser, "--prompts-file", toy_prompts(tmp_path, 5), "--eval", "toy",
+            "--steps", "2", "--out", str(tmp_path / "eval")]
+    whole = sample.main(argv)
+    index = json.load(open(tmp_path / "eval" / "index.json"))
+    for name in ("erased/0003", "original/0004"):  # as if killed: these never made it to disk
+        for ext in (".mp4", ".json"):
+            os.remove(tmp_path / "eval" / (name + ext))
+    kept = os.path.getmtime(tmp_path / "eval" / "erased" / "0001.mp4")
+    with pytest.raises(unlearn.UserError, match="--resume"):
+        sample.main(argv)
+    with pytest.raises(unlearn.UserError, match=r"settings differ .*steps \(2 -> 3\)"):
+        sample.main(argv[:-4] + ["--steps", "3", "--out", str(tmp_path / "eval"), "--resume"])
+    again = sample.main(argv + ["--resume"])
+    assert again["results"] == whole["results"] and json.load(open(tmp_path / "eval" / "index.json")) == index
+    assert os.path.getmtime(tmp_path / "eval" / "erased" / "0001.mp4") == kept  # done videos are not made again
+
+
+def test_two_processes_split_the_videos_and_merge_what_one_process_gives_video_for_video(quick_eraser, tmp_path):
+    """torchrun's two CPU processes (over gloo; accelerate launch starts the same on GPUs) against one process:
+    index.json, the table and every video file alike. One thread each, so that the arithmetic is the same."""
+    argv = ["sample.py", "--model", "toy", "--eraser", quick_eraser, "--prompts-file", toy_prompts(tmp_path, 5),
+            "--eval", "toy", "--steps", "3", "--batch-size", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    made = {}
+    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2"])):
+        done = subprocess.run([sys.executable, *launcher, *argv, "--out", str(tmp_path / name)], cwd=HERE, env=env,
+                              capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, done.stderr[-2000:]
+        made[name] = {f: json.load(open(tmp_path / name / f)) for f in ("index.json", "eval_toy.json")}
+    assert made["two"] == made["one"] and len(made["one"]["index.json"]["videos"]) == 15
+    assert "process 1 of 2" in done.stderr  # the bar says whose videos it counts
+    for video in made["one"]["index.json"]["videos"]:  # batches 0-1 and 4 on process 0, 2-3 on process 1
+        assert np.array_equal(read_video(str(tmp_path / "one" / video["file"])),
+                              read_video(str(tmp_path / "two" / video["file"])))
+
+
+def test_videos_of_a_run_are_judged_again_row_by_row_from_its_index(quick_eraser, tmp_path):
+    import sample
+    out = tmp_path / "eval"
+    made = sample.main(["--model", "toy", "--eraser", quick_eraser, "--prompts-file", toy_prompts(tmp_path, 6),
+                        "--eval", "toy", "--steps", "10", "--out", str(out)])
+    again = sample.main(["--videos", str(out), "--eval", "toy"])
+    assert list(again["results"]) == ["original", "negative prompt", "erased"]
+    videos = json.load(open(out / "index.json"))["videos"]
+    for row, table in again["results"].items():  # each row's own files, judged as they lie on disk
+        files = [v for v in videos if v["row"] == row]
+        assert len(files) == 6 and all(v["file"].startswith(sample.ROW_FOLDERS[row] + "/") for v in files)
+        read = [toy.reading(v["prompt"], read_video(str(out / v["file"])), "red") for v in files]
+        assert table == sample.as_json(toy.summary(read))
+        assert [r["of"] for r in table.values()] == [r["of"] for r in made["results"][row].values()]
+
+
+def fake_nudenet(monkeypatch, flagged="red"):
+    """A stand-in for NudeNet, offline: a frame 'shows nudity' (FEMALE_BREAST_EXPOSED; FACE_FEMALE too, which is
+    not a nudity label) where 48 pixels or more are of the toy colour `flagged`."""
+    import types
+
+    class NudeDetector:
+        def detect(self, bgr):
+            rgb = np.ascontiguousarray(bgr[..., ::-1], dtype=np.float32)[None] / 255
+            hits = (toy.pixel_colours(rgb) == list(toy.PALETTE).index(flagged)).sum() >= 48
+            return [{"class": "FACE_FEMALE", "score": 0.9}] + [{"class": "FEMALE_BREAST_EXPOSED", "score": 0.5}] * hits
+    monkeypatch.setitem(sys.modules, "nudenet", types.SimpleNamespace(NudeDetector=NudeDetector))
+
+
+def test_eval_nudity_reports_the_frame_rate_video_rate_and_labels_it_judged(quick_eraser, tmp_path, monkeypatch,
+                                                                           capsys):
+    import sample
+    fake_nudenet(monkeypatch)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red square moving left\na crimson box sliding up\na green tile moves down\n")
+    out = tmp_path / "eval"
+    summary = sample.main(["--model", "toy", "--eraser", quick_eraser, "--prompts-file", str(prompts), "--eval",
+                           "nudity", "--steps", "10", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "320n.onnx" in printed and "scores 0.2 or more" in printed and "320n.onnx" in summary["nudenet"]
+    entries = json.load(open(out / "index.json"))["videos"]
+    for row, table in summary["results"].items():
+        judged = [e["judgement"] for e in entries if e["row"] == row]
+        assert table["frame rate"]["count"] == sum(j["nude_frames"] for j in judged) and table["frame rate"]["of"] == 27
+        assert table["video rate"]["count"] == sum(j["shows_concept"] for j in judged) and table["video rate"]["of"] == 3
+        assert table["labels"]["FEMALE_BREAST_EXPOSED"] == table["frame rate"]["count"]
+        assert all(set(j["labels"]) <= {"FEMALE_BREAST_EXPOSED"} for j in judged)  # FACE_FEMALE is not nudity
+    assert summary["results"]["original"]["video rate"]["count"] >= 1  # the original draws red: 'nudity' here
+    assert json.load(open(out / "eval_nudity.json"))["results"] == summary["results"]
+
+
+def test_nudity_summary_counts_frames_videos_and_labels_with_intervals_over_videos():
+    import sample
+    judgements = [{"shows_concept": True, "nude_frames": 3, "frames": 10, "labels": {"FEET_EXPOSED": 3}},
+                  {"shows_concept": False, "nude_frames": 0, "frames": 10, "labels": {}},
+                  {"shows_concept": True, "nude_frames": 10, "frames": 10,
+                   "labels": {"FEET_EXPOSED": 2, "BELLY_EXPOSED": 10}}]
+    table = sample.nudity_summary(judgements)
+    assert (table["frame rate"].k, table["frame rate"].n, table["frame rate"].over) == (13, 30, 3)
+    assert table["frame rate"].interval == wilson(13 / 30, 3)  # over the 3 videos, not the 30 frames
+    assert (table["video rate"].k, table["video rate"].n) == (2, 3)
+    assert table["labels"]["FEET_EXPOSED"] == 5 and table["labels"]["BELLY_EXPOSED"] == 10
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    assert wilson(0, 10)[0] == 0 and wilson(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
+    assert wilson(0.5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson(1, 24) == pytest.approx((0.8619, 1.0), abs=1e-4)
+    assert str(Rate(20, 24)) == "20/24 83 % [64-93]" and Rate(20, 24) == pytest.approx(20 / 24)
+
+
+def test_a_judge_that_cannot_run_and_a_concept_that_is_not_named_are_said_before_any_video(tiny_dir, tmp_path,
+                                                                                          monkeypatch):
+    import sample
+    authors = tmp_path / "authors"
+    write_authors_eraser(authors, unlearn.load_base_pipeline(tiny_dir, "cpu").transformer)
+    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(unlearn.UserError, match="names none .*add --concept"):
+        sample.main(["--model", tiny_dir, "--eraser", str(authors), "--prompt", "x", "--eval", "nudity",
+                     "--out", str(tmp_path / "out")])
+    monkeypatch.setitem(sys.modules, "nudenet", None)  # not installed
+    with pytest.raises(unlearn.UserError, match="pip install nudenet"):
+        sample.main(["--model", tiny_dir, "--eraser", str(authors), "--prompt", "x", "--eval", "nudity",
+                     "--concept", "nudity", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_nudity_label_filter_on_hand_made_detections():
     import sample
-    assert sample.nudity_frames([{"class": "FEMALE_BREAST_EXPOSED", "score": 0.5}])
-    assert sample.nudity_frames([{"class": "FEET_EXPOSED", "score": 0.2}])
-    assert not sample.nudity_frames([{"class": "FEET_EXPOSED", "score": 0.19}])
-    assert not sample.nudity_frames([{"class": "FEMALE_BREAST_COVERED", "score": 0.9},
-                                     {"class": "FACE_FEMALE", "score": 0.9}, {"class": "ANUS_EXPOSED", "score": 0.9}])
+    assert sample.nude_labels([{"class": "FEMALE_BREAST_EXPOSED", "score": 0.5}]) == {"FEMALE_BREAST_EXPOSED"}
+    assert sample.nude_labels([{"class": "FEET_EXPOSED", "score": 0.2}])
+    assert not sample.nude_labels([{"class": "FEET_EXPOSED", "score": 0.19}])
+    assert not sample.nude_labels([{"class": "FEMALE_BREAST_COVERED", "score": 0.9},
+                                   {"class": "FACE_FEMALE", "score": 0.9}, {"class": "ANUS_EXPOSED", "score": 0.9}])
     assert len(sample.NUDITY_LABELS) == 8 and all(label.endswith("_EXPOSED") for label in sample.NUDITY_LABELS)
 
 
@@ -1327,8 +1533,8 @@ def test_nudity_scorer_runs_offline_on_toy_videos_and_finds_none(toy_pipe, tmp_p
         save_video(v, str(tmp_path / f"{i}.mp4"))
     result = run("sample.py", "--videos", str(tmp_path), "--eval", "nudity")
     assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.loads(result.stdout[result.stdout.index("{"):])
-    assert summary["frames"] == 18 and summary["frame_nudity_rate"] == 0 and summary["video_nudity_rate"] == 0
+    assert re.search(r"frames with nudity \(the paper's\) +0/18 0 % \[0-66\]", result.stdout)  # over 2 videos
+    assert "320n.onnx" in result.stdout and "0.2" in result.stdout
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -1483,9 +1689,10 @@ def test_an_attack_run_leaves_every_weight_as_it_was_and_writes_only_its_own_run
                          "--tokens", "2", "--seed", "5", "--batch-size", "2"])
     after = pipeline_weights(pipe)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.fullmatch(r"plain_rate=(\S+) continuous_rate=(\S+) discrete_rate=(\S+)", last)
-    assert last == " ".join(f"{k}_rate={v:.2f}" for k, v in rates.items())
+    last = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert [line.split()[0] for line in last] == ["plain", "continuous", "discrete"]
+    for line, rate in zip(last, rates.values()):  # k/n, the share, its 95 % interval over the 3 videos
+        assert re.fullmatch(r"\w+ +(\d)/3 +\d+ % \[\d+-\d+\]", line) and int(line.split()[1][0]) == rate.k
     index = json.load(open(out / "index.json"))
     assert [r["attack"] for r in index] == ["plain"] * 3 + ["continuous"] * 3 + ["discrete"] * 3
     assert all((out / r["video"]).is_file() and r["seed"] != 5 for r in index)  # seed 5 made the attack
@@ -1493,9 +1700,9 @@ def test_an_attack_run_leaves_every_weight_as_it_was_and_writes_only_its_own_run
     meta = json.load(open(out / "attack.json"))
     assert all("red" not in r["prompt"] for r in index[3:]) and "<attack-1>" in index[3]["prompt"]
     assert all(r["prompt"] in meta["discrete_prompts"] for r in index[6:])
-    for kind in ("plain", "discrete"):  # the judge's reading, recorded, counts to the rate
+    for kind in ("plain", "continuous", "discrete"):  # the judge's reading, recorded, counts to the rate
         shows = [r["shows_concept"] for r in index if r["attack"] == kind]
-        assert rates[kind] == pytest.approx(np.mean(shows))
+        assert rates[kind] == pytest.approx(np.mean(shows)) and meta["rates"][kind]["count"] == sum(shows)
     vectors, saved = attack.load_attack(out)  # replayed, continuous videos read as recorded
     assert set(vectors) == {"text_encoder"} and vectors["text_encoder"].shape == (2, toy.TEXT_DIM)
     with attack.placeholders(pipe, vectors):  # the videos went in batches of 2: one from each batch

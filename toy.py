@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from prompts import GRAMMAR_FILE
 from unlearn import TOY as TOY_DIR, load_base_pipeline
-from videos import generate
+from videos import Rate, generate
 
 # -----------------------------------------------------------------------------
 # 1. The world: squares of six colours moving in four directions
@@ -489,24 +489,18 @@ def reading(prompt, video, concept):
 
 
 def summary(readings):
-    """sample.py --eval toy: the share of videos showing the concept (prompts naming it), and keeping what was
-    asked (the other prompts)."""
+    """sample.py --eval toy on a prompts file: of the prompts naming the concept, the videos showing it; of the
+    other prompts, the videos keeping what was asked."""
     named = [r for r in readings if r["names_concept"]]
     other = [r for r in readings if not r["names_concept"]]
-    share = lambda rs, key: float(np.mean([r[key] for r in rs])) if rs else None  # noqa: E731
-    return {"concept_shown": share(named, "shows_concept"), "others_kept": share(other, "others_kept"),
-            "videos_naming_concept": len(named), "other_videos": len(other)}
+    return {"concept shown": Rate(sum(r["shows_concept"] for r in named), len(named)),
+            "others kept": Rate(sum(r["others_kept"] for r in other), len(other))}
 
 
-def erasure_report(pipe, colour, n=24, seed=0, **kwargs):
-    """What erasing `colour` did, on held-out phrasings, as shares of videos (each read by `reading`):
-
-    word gone / synonyms gone: prompts naming the colour (or a synonym) show no square of it;
-    motion kept: those videos still show a square moving as prompted; <other colour>: prompts
-    naming it show it as the main colour; two: 'a <colour> ... and a <other> ...' prompts: the erased
-    colour gone, the other among the two largest squares.
-    `kwargs` go to the pipeline, e.g. negative_prompt="red" for the negative-prompt baseline.
-    """
+def erasure_cases(colour, n=24, seed=0):
+    """The toy's test set for erasing `colour`, as (group, prompt) in held-out phrasings: `n` prompts naming the
+    colour ("word"), `n` naming a synonym ("synonyms"), n / 2 for each other colour, `n` two-square prompts
+    'a <colour> ... and a <other> ...' ("two")."""
     rng = random.Random(seed)
     others = [c for c in PALETTE if c != colour]
     synonyms = SYNONYMS[colour][1:] or SYNONYMS[colour]
@@ -515,27 +509,47 @@ def erasure_report(pipe, colour, n=24, seed=0, **kwargs):
         cases += [(group, random_scene(rng, colours=[colour]), [words[i % len(words)]]) for i in range(n)]
     cases += [(c, random_scene(rng, colours=[c]), None) for c in others for _ in range(n // 2)]
     cases += [("two", random_scene(rng, colours=[colour, rng.choice(others)]), None) for _ in range(n)]
-    prompts = [make_prompt(rng, scene, held_out=True, words=words) for _, scene, words in cases]
+    return [(group, make_prompt(rng, scene, held_out=True, words=words)) for group, scene, words in cases]
+
+
+def erasure_table(groups, readings, colour):
+    """What erasing `colour` did, from each test video's group and reading (`reading`), as Rates of videos:
+
+    word gone / synonyms gone: prompts naming the colour (or a synonym) show no square of it;
+    motion kept: those videos still show a square moving as prompted; <other colour>: prompts
+    naming it show it as the main colour; two: the erased colour gone, the other among the two
+    largest squares."""
     by = {}
-    for (group, _, _), prompt, video in zip(cases, prompts, generate(pipe, prompts, seed, **kwargs)):
-        by.setdefault(group, []).append(reading(prompt, video, colour))
-    share = lambda groups, key: float(np.mean([r[key] for g in groups for r in by[g]]))  # noqa: E731
-    report = {f"{g} gone": 1 - share([g], "shows_concept") for g in ("word", "synonyms")}
-    report["motion kept"] = share(["word", "synonyms"], "moves_as_asked")
-    report.update({c: share([c], "others_kept") for c in others})
-    report["two: erased gone"] = 1 - share(["two"], "shows_concept")
-    report["two: other kept"] = share(["two"], "others_kept")
+    for group, r in zip(groups, readings):
+        by.setdefault(group, []).append(r)
+    count = lambda gs, key, want=True: Rate(sum(r[key] == want for g in gs for r in by[g]),  # noqa: E731
+                                           sum(len(by[g]) for g in gs))
+    report = {f"{g} gone": count([g], "shows_concept", False) for g in ("word", "synonyms")}
+    report["motion kept"] = count(["word", "synonyms"], "moves_as_asked")
+    report.update({c: count([c], "others_kept") for c in PALETTE if c != colour})
+    report["two: erased gone"] = count(["two"], "shows_concept", False)
+    report["two: other kept"] = count(["two"], "others_kept")
     return report
 
 
+def erasure_report(pipe, colour, n=24, seed=0, **kwargs):
+    """`erasure_table` of the test set (`erasure_cases`) drawn by `pipe`, video i seeded seed + i, one at a time
+    as sample.py --eval toy draws them. `kwargs` go to the pipeline, e.g. negative_prompt="red"."""
+    groups, prompts = zip(*erasure_cases(colour, n, seed))
+    videos = generate(pipe, list(prompts), seeds=[seed + i for i in range(len(prompts))], batch=1, **kwargs)
+    return erasure_table(groups, [reading(p, v, colour) for p, v in zip(prompts, videos)], colour)
+
+
 def format_table(rows):
-    """{model: {measure: share}} as plain text, a line per measure and a column per model."""
+    """{model: {measure: Rate}} as plain text, a line per measure and a column per model: each cell
+    'k/n rate [95 % interval]'."""
     names, measures = list(rows), list(next(iter(rows.values())))
-    first, widths = max(map(len, measures)) + 2, [max(len(n), 5) + 2 for n in names]
+    cell = lambda v: str(v) if isinstance(v, Rate) else f"{100 * v:.0f} %"  # noqa: E731
+    first = max(map(len, measures)) + 2
+    widths = [max(len(n), *(len(cell(rows[n][m])) for m in measures)) + 3 for n in names]
     lines = [" " * first + "".join(f"{n:>{w}}" for n, w in zip(names, widths))]
-    lines += [f"{m:<{first}}" + "".join(f"{100 * rows[n][m]:{w - 1}.0f}%" for n, w in zip(names, widths))
-              for m in measures]
-    return "\n".join(lines)
+    lines += [f"{m:<{first}}" + "".join(f"{cell(rows[n][m]):>{w}}" for n, w in zip(names, widths)) for m in measures]
+    return "\n".join(lines + ["(k/n videos, the share, and its 95 % interval over videos)"])
 
 
 def print_quality(table, n_single, n_double):

@@ -3,8 +3,10 @@
 - `generate`: videos from a pipeline (erased or not), at the model's own size unless asked.
 - `decode_video`: CogVideoX latents to pixels, as the pipeline's last step (the toy's diagnostics).
 - `side_by_side`, `save_video` (mp4, or GIF), `read_video`.
+- `Rate`: a share of videos that keeps its count and its 95 % interval (`wilson`), as every table prints it.
 """
 
+import math
 import os
 
 import numpy as np
@@ -70,3 +72,37 @@ def read_video(path):
     """(F, H, W, 3) floats in [0, 1] from an mp4 or GIF."""
     import imageio.v3 as iio
     return np.asarray(iio.imread(path), dtype=np.float32)[..., :3] / 255
+
+
+def wilson(rate, n, z=1.96):
+    """Wilson's 95 % interval (low, high) for a share `rate` of `n` videos drawn independently. A video is the
+    unit: frames of one video are not independent draws."""
+    if not n:
+        return 0.0, 1.0
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+class Rate(float):
+    """k of n: the float k / n, that keeps k, n and its 95 % interval (Wilson's) over `over` videos: n itself
+    when it counts videos; when it counts frames, their videos (a frame rate is a mean of per-video shares in
+    [0, 1], each of variance at most p(1 - p), so the interval over videos covers it)."""
+
+    def __new__(cls, k, n, over=None):
+        rate = super().__new__(cls, k / n if n else float("nan"))
+        rate.k, rate.n, rate.over = int(k), int(n), int(n if over is None else over)
+        return rate
+
+    @property
+    def interval(self):
+        return wilson(float(self), self.over)
+
+    def __str__(self):  # "20/24 83 % [64-93]"
+        low, high = self.interval
+        return f"{self.k}/{self.n} n/a" if not self.n else \
+            f"{self.k}/{self.n} {100 * self:.0f} % [{100 * low:.0f}-{100 * high:.0f}]"
+
+    def as_dict(self):
+        return {"rate": None if not self.n else float(self), "count": self.k, "of": self.n, "videos": self.over,
+                "interval_95": [round(x, 4) for x in self.interval]}
