@@ -19,14 +19,16 @@ for c in red blue; do
 done
 python - "$out" "$(( $(date +%s) - start ))" <<'PY'
 import json, sys
+sys.path.insert(0, ".")
+from videos import Rate
 out, seconds = sys.argv[1], int(sys.argv[2])
 print("| concept | attacked | plain | continuous | discrete | discrete words |")
 print("|---|---|---:|---:|---:|---|")
 for c in ("red", "blue"):
     for run, name in (("erased", "eraser"), ("negative_prompt", "negative prompt"), ("no_augment", "eraser, --no-augment")):
         meta = json.load(open(f"{out}/{c}/{run}/attack.json"))
-        r = meta["rates"]
-        print(f"| {c} | {name} | {100 * r['plain']:.0f} % | {100 * r['continuous']:.0f} % | "
-              f"{100 * r['discrete']:.0f} % | {meta['discrete_phrase']} |")
-print(f"\n{seconds} s in all ({seconds // 60} min {seconds % 60} s)")
+        r = {k: Rate(v["count"], v["of"]) for k, v in meta["rates"].items()}
+        print(f"| {c} | {name} | {r['plain']} | {r['continuous']} | {r['discrete']} | {meta['discrete_phrase']} |")
+print("\neach cell: videos showing the concept, k/n, the share and its 95 % Wilson interval over videos")
+print(f"{seconds} s in all ({seconds // 60} min {seconds % 60} s)")
 PY

@@ -9,7 +9,8 @@ For each seed it runs the README's two commands, `python unlearn.py --model toy 
 `python sample.py --model toy --eraser ... --eval toy --steps 20 --seed 11`, into --out (default
 outputs/seed_table_<concept>, which must not exist yet), then prints one markdown table: the original
 model and the negative prompt (the same for every seed: only the eraser changes) and the erased model,
-mean [lowest-highest] over the seeds, and the worst seed of each erased row.
+its videos of all seeds pooled, the range over the seeds, and the worst seed of each row; every count
+with its 95 % interval over videos.
 """
 
 import argparse
@@ -19,7 +20,28 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from videos import Rate  # noqa: E402
+
+HERE = sys.path[0]
+
+
+def print_table(tables, concept, seeds):
+    """{seed: eval_toy.json's results} as one markdown table; every cell k/n videos, the share, its 95 % interval."""
+    first = tables[seeds[0]]
+    cell = lambda r: str(Rate(r["count"], r["of"]))  # noqa: E731
+    print(f"\n| videos ({concept}) | original | negative prompt | erased, seeds {seeds[0]}-{seeds[-1]} pooled | "
+          "range over seeds | worst seed |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for row in first["erased"]:
+        erased = {s: t["erased"][row] for s, t in tables.items()}
+        shares = {s: 100 * r["rate"] for s, r in erased.items()}
+        worst = min(shares, key=shares.get)
+        pooled = Rate(sum(r["count"] for r in erased.values()), sum(r["of"] for r in erased.values()))
+        print(f"| {row} | {cell(first['original'][row])} | {cell(first['negative prompt'][row])} | **{pooled}** | "
+              f"{min(shares.values()):.0f}-{max(shares.values()):.0f} % | {worst}: {cell(erased[worst])} |")
+    print("\nk/n videos, the share, its 95 % Wilson interval over videos; the pooled interval counts the seeds' "
+          "videos as independent (they share prompts and seeds), so it is narrower than a new prompt set's")
 
 
 def main():
@@ -48,17 +70,8 @@ def main():
         with open(os.path.join(evaluation, "eval_toy.json")) as f:
             tables[seed] = json.load(f)["results"]
     seconds = int(time.time() - start)
-    first = tables[args.seeds[0]]
-    print(f"\n| share of videos ({args.concept}, seeds {', '.join(map(str, args.seeds))}) | original | "
-          "negative prompt | erased: mean [range] | worst seed |")
-    print("|---|---:|---:|---:|---:|")
-    for row in first["erased"]:
-        erased = {s: 100 * t["erased"][row] for s, t in tables.items()}
-        worst = min(erased, key=erased.get)
-        mean = sum(erased.values()) / len(erased)
-        print(f"| {row} | {100 * first['original'][row]:.0f} % | {100 * first['negative prompt'][row]:.0f} % | "
-              f"**{mean:.0f} %** [{min(erased.values()):.0f}-{max(erased.values()):.0f}] | {worst} |")
-    print(f"\n{len(args.seeds)} seeds in {seconds} s ({seconds // 60} min {seconds % 60} s)")
+    print_table(tables, args.concept, args.seeds)
+    print(f"{len(args.seeds)} seeds in {seconds} s ({seconds // 60} min {seconds % 60} s)")
     with open(os.path.join(out, "seed_table.json"), "w") as f:
         json.dump({"concept": args.concept, "seeds": args.seeds, "dtype": args.dtype, "extra": extra,
                    "seconds": seconds, "tables": tables}, f, indent=2)
