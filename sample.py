@@ -15,8 +15,9 @@ In Python, a pipeline with an eraser is used exactly like the stock one:
 
 or to a pipeline you built yourself (your dtype, offload, VAE tiling, quantization or LoRA):
 
-    from sample import apply_eraser
+    from sample import apply_eraser, remove_eraser
     apply_eraser(pipe, "erasers/nudity")      # ours, or a folder of the authors' released erasers
+    remove_eraser(pipe)                       # the original model again, bit for bit
 
 `--convert` turns the authors' released format (eraser_weights.pt, eraser_config.json) into ours
 (eraser.safetensors, eraser.json); both load as they are.
@@ -55,8 +56,8 @@ import toy
 from families import family_of
 from prompts import read_prompts
 from runs import UserError, run_cli, why, write_json
-from unlearn import (Eraser, eraser_sites, insert_erasers, load_base_pipeline, model_fingerprint, model_folder,
-                     pick_device, save_eraser, set_erasers)
+from unlearn import (Eraser, EraserAttnProcessor, eraser_sites, insert_erasers, load_base_pipeline, model_fingerprint,
+                     model_folder, pick_device, save_eraser, set_erasers)
 from videos import Rate, generate, read_video, save_video, side_by_side
 
 NUDITY_LABELS = ("ARMPITS_EXPOSED", "BELLY_EXPOSED", "FEMALE_BREAST_EXPOSED", "MALE_BREAST_EXPOSED",
@@ -164,11 +165,46 @@ def apply_eraser(pipe, eraser_dir):
     submodules of the transformer: they follow `pipe.to(...)` and offloading from then on.
     """
     erasers, meta = fitted_erasers(eraser_dir, pipe.transformer)
+    if carries_erasers(pipe.transformer):
+        raise UserError(f"this pipeline carries an eraser already: remove_eraser(pipe) before applying {eraser_dir} "
+                        "(stacking several erasers is not there yet)")
     insert_erasers(pipe.transformer, erasers.to(pipe._execution_device))
     erasers.requires_grad_(False)
+    for _, attn in eraser_sites(pipe.transformer):
+        attn.set_processor = keeping_eraser(attn, family_of(pipe.transformer))
     if not meta.get("final", True):
         warnings.warn(f"the eraser in {eraser_dir} is partial: {meta.get('steps_done')} of {meta.get('steps')} steps")
     return meta
+
+
+def carries_erasers(transformer):
+    return isinstance(eraser_sites(transformer)[0][1].processor, EraserAttnProcessor)
+
+
+def keeping_eraser(attn, family):
+    """`attn.set_processor` once an eraser sits in `attn`: a processor set afterwards (`fuse_qkv_projections`,
+    `set_attn_processor`) becomes the attention a new wrapper of the same eraser wraps, so the eraser stays on
+    its output (and `unfuse_qkv_projections` puts back the wrapper it kept)."""
+    stock_set = type(attn).set_processor.__get__(attn)
+
+    def set_processor(processor):
+        if isinstance(attn.processor, EraserAttnProcessor) and not isinstance(processor, EraserAttnProcessor):
+            wrapper = EraserAttnProcessor(attn.processor.eraser, attn.processor.state, family)
+            wrapper.stock, processor = processor, wrapper
+        stock_set(processor)
+    return set_processor
+
+
+def remove_eraser(pipe):
+    """Take the eraser off: each attention gets back the processor its eraser wraps (the stock one, or what was
+    set since) and its class's own `set_processor`. The pipeline draws as the original model again."""
+    if not carries_erasers(pipe.transformer):
+        raise UserError("this pipeline carries no eraser: there is nothing to remove")
+    for _, attn in eraser_sites(pipe.transformer):
+        wrapped = attn.processor.stock
+        attn.__dict__.pop("set_processor", None)
+        attn.set_processor(wrapped)
+    pipe.eraser_meta = None
 
 
 def convert_authors_eraser(source, model, out, concept=""):

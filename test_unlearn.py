@@ -1060,6 +1060,34 @@ def test_save_then_load_gives_identical_erasers_and_videos(quick_eraser, tmp_pat
     assert np.array_equal(a, b)
 
 
+def test_an_eraser_comes_off_bit_for_bit_and_stays_on_through_what_replaces_attention_processors(quick_eraser):
+    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+    from sample import apply_eraser, remove_eraser
+    draw = lambda pipe: generate(pipe, ["a red square moving left"], seed=3, steps=5)[0]  # noqa: E731
+    pipe = unlearn.load_base_pipeline("toy", "cpu")
+    with pytest.raises(unlearn.UserError, match="carries no eraser to switch"):
+        unlearn.set_erasers(pipe.transformer, False)
+    stock = [type(p) for p in unlearn.processors(pipe.transformer)]
+    original = draw(pipe)
+    apply_eraser(pipe, quick_eraser)
+    erased = draw(pipe)
+    assert not np.array_equal(erased, original)
+    with pytest.raises(unlearn.UserError, match="carries an eraser already: remove_eraser"):
+        apply_eraser(pipe, quick_eraser)  # not silently replaced
+    pipe.transformer.set_attn_processor(CogVideoXAttnProcessor2_0())  # the same attention, set anew: erasers stay
+    assert np.array_equal(draw(pipe), erased)
+    pipe.fuse_qkv_projections()  # fused attention under the erasers: the erased model, to float rounding
+    fused = draw(pipe)
+    assert np.abs(fused - erased).max() < 1e-3 < np.abs(fused - original).max()
+    pipe.unfuse_qkv_projections()
+    remove_eraser(pipe)
+    assert [type(p) for p in unlearn.processors(pipe.transformer)] == stock
+    assert not any("eraser" in k for k in pipe.transformer.state_dict())
+    assert np.array_equal(draw(pipe), original)  # the original model, bit for bit
+    with pytest.raises(unlearn.UserError, match="carries no eraser"):
+        remove_eraser(pipe)
+
+
 def test_an_eraser_attaches_to_an_offloaded_pipeline_the_user_built(quick_eraser):
     from sample import apply_eraser
     prompt, red_eraser = ["a red square moving left"], quick_eraser

@@ -403,7 +403,10 @@ def processors(transformer):
 
 def set_erasers(transformer, enabled):
     """Switch the erasers on (the erased model) or off (the original model)."""
-    processors(transformer)[0].state.enabled = enabled
+    first = processors(transformer)[0]
+    if not isinstance(first, EraserAttnProcessor):
+        raise UserError("this transformer carries no eraser to switch: apply_eraser(pipe, DIR) first")
+    first.state.enabled = enabled
 
 
 @contextlib.contextmanager
@@ -711,11 +714,12 @@ def eraser_meta(args, transformer, steps_done, history, prompts):
 
 
 def save_eraser(output_dir, erasers, meta):
+    """eraser.safetensors ({i}.down.weight, .down.bias, .up.weight, .up.bias for eraser i, in block order, fp32)
+    and eraser.json (the base model's config, the concept, every setting as run)."""
     from safetensors.torch import save_file
     os.makedirs(output_dir, exist_ok=True)
     weights = {k: v.detach().float().cpu().contiguous() for k, v in erasers.state_dict().items()}
     write_atomic(os.path.join(output_dir, "eraser.safetensors"), lambda p: save_file(weights, p))
-
     write_json(os.path.join(output_dir, "eraser.json"), meta)
 
 
