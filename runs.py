@@ -1,7 +1,9 @@
 """runs.py: what keeps a long run safe; used by unlearn.py and sample.py, not part of the method.
 
 - A user's mistake is one line on stderr and exit code 2, never a traceback (`UserError`, `run_cli`).
-- A file is written whole or not at all (`write_atomic`, `write_json`).
+- A file is written whole or not at all, readable as any new file (`write_atomic`, `write_json`).
+- A run is what it says: --overwrite moves the earlier run aside first (`move_aside`), and --resume
+  trains on the run's own saved prompts (`run_prompts`).
 - A training loop with a bar of its losses, that stops at once on a non-finite loss (`run_steps`).
 - A run saves its erasers, optimizer, step and random state, and resumes from them exactly
   (`save_checkpoint`, `restore_checkpoint`); Ctrl-C ends the step under way, then the run
@@ -47,10 +49,44 @@ def run_cli(main):
 
 
 def write_atomic(path, write):
-    """`write(tmp_path)`, then rename: a reader sees the old file or the new one, never half of one."""
+    """`write(tmp_path)`, then rename: a reader sees the old file or the new one, never half of one. The file
+    gets the mode a new file gets (0644 under the usual umask), whatever the writer gave it."""
     tmp = f"{path}.tmp"
     write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
+
+
+RUN_FILES = ("eraser.safetensors", "eraser.json", "checkpoint.pt", "prompts.json")  # what a run writes
+
+
+def move_aside(folder):
+    """--overwrite: the run already in `folder` goes into folder/replaced/ (the one there before it is dropped)
+    before the new run starts, so that no stale eraser or checkpoint passes for the new run's."""
+    moved = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
+    if moved:
+        aside = os.path.join(folder, "replaced")
+        os.makedirs(aside, exist_ok=True)
+        for name in moved:
+            os.replace(os.path.join(folder, name), os.path.join(aside, name))
+        print(f"--overwrite: moved the earlier run's {', '.join(moved)} to {aside}/")
+
+
+def run_prompts(folder, resume, make):
+    """The run's prompts: made by `make()` and saved as folder/prompts.json, or with --resume read back from
+    there, so that a resumed run trains on its own prompts (a refiner would write others)."""
+    path = os.path.join(folder, "prompts.json")
+    if resume and os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        print(f"# 2. --resume: the run's own {len(saved['prompts'])} prompts, from {path}")
+        return saved["prompts"], saved["anchors"], saved["preserved"]
+    prompts, anchors, preserved = make()
+    os.makedirs(folder, exist_ok=True)
+    write_json(path, dict(prompts=prompts, anchors=anchors, preserved=preserved))
+    return prompts, anchors, preserved
 
 
 def write_json(path, obj, indent=2):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+import runs
 import toy
 import unlearn
 from sample import load_eraser, load_pipeline
@@ -1285,6 +1286,37 @@ def test_killed_run_resumed_equals_uninterrupted_run(tmp_path):
     b, meta_b = load_eraser(killed)
     assert meta_b["final"] and meta_b["steps_done"] == 60
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_a_run_is_what_it_says_overwrite_moves_the_old_aside_files_are_0644_prompts_are_the_runs_own(tmp_path):
+    out = tmp_path / "run"
+    umask = os.umask(0o022)
+    try:
+        assert run(*QUICK, "--steps", "4", "--checkpoint-every", "2", "--output-dir", str(out)).returncode == 0
+    finally:
+        os.umask(umask)
+    for name in ("eraser.safetensors", "checkpoint.pt", "eraser.json", "prompts.json"):
+        assert (os.stat(out / name).st_mode & 0o777) == 0o644, name  # readable by the group, as a new file is
+    saved = json.load(open(out / "prompts.json"))
+    (out / "notes.txt").write_text("mine")
+    args = unlearn.parse_args([*QUICK[1:], "--output-dir", str(out), "--overwrite"])
+    unlearn.check_output_dir(args)  # before any training: the old eraser cannot pass for the new run's
+    assert sorted(os.listdir(out)) == ["notes.txt", "replaced"]
+    assert sorted(os.listdir(out / "replaced")) == ["checkpoint.pt", "eraser.json", "eraser.safetensors", "prompts.json"]
+    made = []
+    again = runs.run_prompts(str(out / "replaced"), True, lambda: made.append(1))  # --resume: read, not made anew
+    assert not made and list(again) == [saved["prompts"], saved["anchors"], saved["preserved"]]
+
+
+def test_the_refiner_samples_from_the_seed(tmp_path):
+    scene = ["a", "woman", "walks", "on", "the", "beach", "at", "night", "slowly", "nudity"]
+    tiny_language_model(tmp_path / "lm", scene)
+    args = unlearn.parse_args(["--concept", "nudity", "--num-prompts", "3", "--refiner", str(tmp_path / "lm")])
+    made = []
+    for unrelated in (1, 2):
+        torch.manual_seed(unrelated)  # whatever ran before
+        made.append(unlearn.build_prompts(args, random.Random(0), "cpu", log=lambda _: None)[0])
+    assert made[0] == made[1] and len(made[0]) == 3
 
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):

@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 from families import Text, family_of
 from prompts import (REFINER_TRIES, balanced_choices, concept_pattern, concept_templates, default_preserve, fill,
                      keep_naming, load_grammar, read_prompts, refine_prompts, substitute)
-from runs import (UserError, no_timer, restore_checkpoint, run_cli, run_steps, save_checkpoint, why,
-                  write_atomic, write_json)
+from runs import (UserError, move_aside, no_timer, restore_checkpoint, run_cli, run_prompts, run_steps,
+                  save_checkpoint, why, write_atomic, write_json)
 
 TRAIN_FRAMES = 17  # default training length: see --num-frames
 TOY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")  # --model toy: the toy.py pipeline
@@ -232,6 +232,7 @@ def build_prompts(args, rng, device=None, log=print):
     if args.refiner:
         asked = len(prompts)
         device = pick_device(device)
+        torch.manual_seed(args.seed)  # the refiner samples: --seed makes it repeatable
         prompts, dropped = refine_prompts(prompts, args.concept, args.refiner, device, pick_dtype(device))
         free_memory()  # the language model leaves the GPU before the video model comes
         log(f"# 2. The refiner rewrote {len(prompts)} of {asked} prompts; it dropped {dropped} outputs that did "
@@ -726,6 +727,8 @@ def save_eraser(output_dir, erasers, meta):
 def check_output_dir(args):
     if os.path.exists(args.output_dir) and os.listdir(args.output_dir) and not (args.overwrite or args.resume):
         raise UserError(f"--output-dir {args.output_dir} already holds files; pass --overwrite or choose another")
+    if args.overwrite:
+        move_aside(args.output_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -746,7 +749,7 @@ def main(argv=None):
           f"videos of {args.num_frames} frames at {args.height}x{args.width}")
 
     # 2. Build augmented prompts
-    prompts, anchors, preserved = build_prompts(args, rng, device)
+    prompts, anchors, preserved = run_prompts(args.output_dir, args.resume, lambda: build_prompts(args, rng, device))
     if not prompts:
         raise UserError(f"no prompt names '{args.concept}': check --prompts-file or drop --refiner")
     print(f"# 2. Built {len(prompts)} prompts that carry '{args.concept}', e.g.:")
