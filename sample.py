@@ -57,7 +57,7 @@ from families import family_of
 from prompts import read_prompts
 from runs import UserError, run_cli, why, write_json
 from unlearn import (Eraser, EraserAttnProcessor, eraser_sites, insert_erasers, load_base_pipeline, model_fingerprint,
-                     model_folder, pick_device, save_eraser, set_erasers)
+                     model_folder, pick_device, processors, save_eraser, set_erasers)
 from videos import Rate, generate, read_video, save_video, side_by_side
 
 NUDITY_LABELS = ("ARMPITS_EXPOSED", "BELLY_EXPOSED", "FEMALE_BREAST_EXPOSED", "MALE_BREAST_EXPOSED",
@@ -77,9 +77,12 @@ def load_pipeline(model, eraser=None, device=None, dtype=None, offload=False, va
 
     For 5B-class models on a 24 GB GPU: `offload`, model CPU offload (the pipeline stays in CPU
     memory and each model visits the GPU while it runs), and `vae_tiling`, tiled VAE decoding. The
-    eraser's eraser.json is `pipe.eraser_meta` (None without an eraser).
+    eraser's eraser.json is `pipe.eraser_meta` (None without an eraser). A folder `save_erased` wrote loads
+    with its own eraser.
     """
     pipe = load_base_pipeline(model, device, dtype, move=not offload)
+    saved = os.path.join(model_folder(model), "eraser")  # a folder save_erased wrote carries its eraser
+    eraser = eraser or (saved if os.path.isdir(saved) else None)
     pipe.eraser_meta = apply_eraser(pipe, eraser) if eraser else None
     if offload:
         pipe.enable_model_cpu_offload(device=pick_device(device))
@@ -168,13 +171,18 @@ def apply_eraser(pipe, eraser_dir):
     if carries_erasers(pipe.transformer):
         raise UserError(f"this pipeline carries an eraser already: remove_eraser(pipe) before applying {eraser_dir} "
                         "(stacking several erasers is not there yet)")
+    attach(pipe, erasers)
+    if not meta.get("final", True):
+        warnings.warn(f"the eraser in {eraser_dir} is partial: {meta.get('steps_done')} of {meta.get('steps')} steps")
+    pipe.eraser_meta = meta
+    return meta
+
+
+def attach(pipe, erasers):
     insert_erasers(pipe.transformer, erasers.to(pipe._execution_device))
     erasers.requires_grad_(False)
     for _, attn in eraser_sites(pipe.transformer):
         attn.set_processor = keeping_eraser(attn, family_of(pipe.transformer))
-    if not meta.get("final", True):
-        warnings.warn(f"the eraser in {eraser_dir} is partial: {meta.get('steps_done')} of {meta.get('steps')} steps")
-    return meta
 
 
 def carries_erasers(transformer):
@@ -205,6 +213,26 @@ def remove_eraser(pipe):
         attn.__dict__.pop("set_processor", None)
         attn.set_processor(wrapped)
     pipe.eraser_meta = None
+
+
+def save_erased(pipe, folder):
+    """Save an erased pipeline so that it reloads erased: the original model's files (`pipe.save_pretrained`,
+    whose eraser weights `from_pretrained` would drop) and the eraser in folder/eraser/. `load_pipeline(folder)`
+    reloads it erased; so do stock `from_pretrained(folder)` and `apply_eraser(pipe, folder + "/eraser")`."""
+    if not carries_erasers(pipe.transformer):
+        raise UserError("this pipeline carries no eraser: save it with pipe.save_pretrained")
+    if os.path.exists(folder) and os.listdir(folder):
+        raise UserError(f"{folder} already holds files; choose another")
+    erasers = nn.ModuleList(p.eraser for p in processors(pipe.transformer))
+    meta = getattr(pipe, "eraser_meta", None) or {}
+    remove_eraser(pipe)
+    try:
+        pipe.save_pretrained(folder)
+    finally:  # the pipeline in hand stays erased
+        attach(pipe, erasers)
+        pipe.eraser_meta = meta
+    save_eraser(os.path.join(folder, "eraser"), erasers, meta)
+    return folder
 
 
 def convert_authors_eraser(source, model, out, concept=""):

@@ -1089,6 +1089,23 @@ def test_an_eraser_comes_off_bit_for_bit_and_stays_on_through_what_replaces_atte
         remove_eraser(pipe)
 
 
+def test_an_erased_pipeline_saved_reloads_erased(quick_eraser, tmp_path):
+    from diffusers import CogVideoXPipeline
+    from sample import apply_eraser, save_erased
+    draw = lambda pipe: generate(pipe, ["a red square moving left"], seed=3, steps=5)[0]  # noqa: E731
+    pipe = load_pipeline("toy", eraser=quick_eraser)
+    erased, folder = draw(pipe), str(tmp_path / "erased_toy")
+    save_erased(pipe, folder)
+    assert np.array_equal(draw(pipe), erased)  # the pipeline in hand is still erased
+    assert np.array_equal(draw(load_pipeline(folder)), erased)  # our loader finds folder/eraser
+    stock = CogVideoXPipeline.from_pretrained(folder)
+    assert np.array_equal(draw(stock), draw(unlearn.load_base_pipeline("toy", "cpu")))  # the original's files
+    apply_eraser(stock, os.path.join(folder, "eraser"))  # stock from_pretrained, plus one call
+    assert np.array_equal(draw(stock), erased)
+    with pytest.raises(unlearn.UserError, match="already holds files"):
+        save_erased(pipe, folder)
+
+
 def test_an_eraser_attaches_to_an_offloaded_pipeline_the_user_built(quick_eraser):
     from sample import apply_eraser
     prompt, red_eraser = ["a red square moving left"], quick_eraser
