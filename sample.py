@@ -66,6 +66,12 @@ NUDENET_FLOOR = 0.2  # NudeNet 3.4.2 drops detections under this score itself
 NUDENET = "NudeNet 3.4.2, its default detector 320n.onnx at 320 px, every frame"  # named in every result
 
 
+DEFAULT_MODEL = "THUDM/CogVideoX-2b"
+PUBLISHED_SHAPES = {  # (eraser sites, width) of each published model: an eraser's files can tell no more
+    "THUDM/CogVideoX-2b": (30, 1920), "THUDM/CogVideoX-5b": (42, 3072), "THUDM/CogVideoX1.5-5B": (42, 3072),
+    "hunyuanvideo-community/HunyuanVideo": (40, 3072), "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": (30, 1536),
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": (40, 5120), "Wan-AI/Wan2.2-TI2V-5B-Diffusers": (30, 3072)}
+
 ARCHITECTURE = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "patch_size",
                 "patch_size_t", "text_embed_dim", "text_dim", "use_rotary_positional_embeddings")  # what an eraser's
 # fit depends on, for every family (a key a family's config lacks reads None)
@@ -233,6 +239,17 @@ def save_erased(pipe, folder):
         pipe.eraser_meta = meta
     save_eraser(os.path.join(folder, "eraser"), erasers, meta)
     return folder
+
+
+def fitting_models(eraser_dir):
+    """Which published models an eraser's shapes fit: all that its files can tell of its base model."""
+    weights, _ = load_eraser(eraser_dir)
+    downs = [w for k, w in weights.items() if k.endswith("down.weight")]
+    shape = (len(downs), downs[0].shape[1] if downs else 0)
+    fit = [m for m, s in PUBLISHED_SHAPES.items() if s == shape]
+    said = f"its {shape[0]} erasers of width {shape[1]} fit "
+    return said + (" and ".join(fit) + " alike: say which" if len(fit) > 1 else fit[0] if fit else
+                   "none of the published models: give the model it was made for")
 
 
 def convert_authors_eraser(source, model, out, concept=""):
@@ -488,7 +505,8 @@ def rescore(args):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="THUDM/CogVideoX-2b", help="hub id, folder or 'toy'")
+    p.add_argument("--model", default=None, help=f"hub id, folder or 'toy' (default {DEFAULT_MODEL}; with --convert, "
+                   "always given: the authors' files do not say which)")
     p.add_argument("--eraser", default=None,
                    help="folder of an eraser: made by unlearn.py, or released by the authors (eraser_weights.pt)")
     p.add_argument("--prompt", default=None, help="what to draw")
@@ -574,10 +592,14 @@ def check_out(out, settings, resume):
 def main(argv=None):
     args = parse_args(argv)
     if args.convert:  # the authors' format to ours, no model weights read
+        if not args.model:
+            raise UserError(f"--convert needs --model: the authors' files do not name the model they were made for; "
+                            f"{fitting_models(args.convert)}")
         if not args.out:
             raise UserError("--convert needs --out: the folder the converted eraser goes to")
         print(f"wrote {convert_authors_eraser(args.convert, args.model, args.out, args.concept or '')}")
         return None
+    args.model = args.model or DEFAULT_MODEL
     if args.videos:  # judge existing videos, no model
         return rescore(args)
     if (args.compare or args.eval) and not args.eraser:

@@ -998,6 +998,21 @@ def test_the_authors_eraser_format_gives_their_wrapper_output_and_converts(tiny_
         assert torch.allclose(unlearn.velocity(converted.transformer, *inputs), reference, atol=1e-5)
     with pytest.raises(unlearn.UserError, match="already holds files"):
         sample.main(["--convert", str(tmp_path / "authors"), "--model", tiny_dir, "--out", str(tmp_path / "ours")])
+    with pytest.raises(unlearn.UserError, match="--convert needs --model: .* fit none of the published models"):
+        sample.main(["--convert", str(tmp_path / "authors"), "--out", str(tmp_path / "other")])
+
+
+def test_the_converter_asks_which_model_when_the_shapes_fit_two(tmp_path):
+    import sample
+    folder = str(tmp_path)  # 42 erasers of width 3072, as the authors' CogVideoX-5B one (at rank 1)
+    zero = {"down.weight": torch.zeros(1, 3072), "down.bias": torch.zeros(1), "up.weight": torch.zeros(3072, 1),
+            "up.bias": torch.zeros(3072)}
+    torch.save({f"transformer_blocks.{i}.attn1.adapter": zero for i in range(42)}, f"{folder}/eraser_weights.pt")
+    json.dump({"eraser_type": "adapter", "eraser_rank": 1}, open(f"{folder}/eraser_config.json", "w"))
+    with pytest.raises(unlearn.UserError, match="42 erasers of width 3072 fit THUDM/CogVideoX-5b and "
+                                                 "THUDM/CogVideoX1.5-5B alike: say which"):
+        sample.main(["--convert", folder, "--out", f"{folder}/ours"])
+    assert not os.path.exists(f"{folder}/ours")
 
 
 class Payload:  # what a pickle could carry besides tensors
