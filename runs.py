@@ -3,7 +3,7 @@
 - A user's mistake is one line on stderr and exit code 2, never a traceback (`UserError`, `run_cli`).
 - A file is written whole or not at all, readable as any new file (`write_atomic`, `write_json`).
 - A run is what it says: --overwrite moves the earlier run aside first (`move_aside`), and --resume
-  trains on the run's own saved prompts (`run_prompts`).
+  trains on the run's own saved prompts (`run_prompts`, `save_prompts`).
 - A training loop with a bar of its losses, that stops at once on a non-finite loss (`run_steps`).
 - A run saves its erasers, optimizer, step and random state, and resumes from them exactly
   (`save_checkpoint`, `restore_checkpoint`); Ctrl-C ends the step under way, then the run
@@ -75,18 +75,21 @@ def move_aside(folder):
 
 
 def run_prompts(folder, resume, make):
-    """The run's prompts: made by `make()` and saved as folder/prompts.json, or with --resume read back from
-    there, so that a resumed run trains on its own prompts (a refiner would write others)."""
+    """The run's prompts: made by `make()`, or with --resume read back from folder/prompts.json (`save_prompts`),
+    so that a resumed run trains on its own prompts (a refiner would write others)."""
     path = os.path.join(folder, "prompts.json")
     if resume and os.path.isfile(path):
         with open(path) as f:
             saved = json.load(f)
         print(f"# 2. --resume: the run's own {len(saved['prompts'])} prompts, from {path}")
         return saved["prompts"], saved["anchors"], saved["preserved"]
-    prompts, anchors, preserved = make()
+    return make()
+
+
+def save_prompts(folder, prompts, anchors, preserved):
+    """folder/prompts.json, written with the run's first checkpoint (nothing is written before the run starts)."""
     os.makedirs(folder, exist_ok=True)
-    write_json(path, dict(prompts=prompts, anchors=anchors, preserved=preserved))
-    return prompts, anchors, preserved
+    write_json(os.path.join(folder, "prompts.json"), dict(prompts=prompts, anchors=anchors, preserved=preserved))
 
 
 def write_json(path, obj, indent=2):

@@ -2,6 +2,7 @@
 
     python sample.py --model toy --eraser erasers/red --prompt "a red square moving left" --compare
     python sample.py --model toy --eraser erasers/red --eval toy --steps 20   # the toy's test set, one table
+    python sample.py --model toy --eraser erasers/red --eraser erasers/blue --prompt "..."   # two stacked
     python sample.py --model toy --eraser erasers/red --prompts-file prompts.csv --eval toy --out outputs/red
     python sample.py --model THUDM/CogVideoX-2b --eraser erasers/nudity --prompts-file p.csv --eval nudity
     python sample.py --videos outputs/nudity --eval nudity        # score videos already made, no model
@@ -87,8 +88,7 @@ def load_pipeline(model, eraser=None, device=None, dtype=None, offload=False, va
     with its own eraser.
     """
     pipe = load_base_pipeline(model, device, dtype, move=not offload)
-    saved = os.path.join(model_folder(model), "eraser")  # a folder save_erased wrote carries its eraser
-    eraser = eraser or (saved if os.path.isdir(saved) else None)
+    eraser = eraser or saved_erasers(model) or None  # a folder save_erased wrote carries its eraser
     pipe.eraser_meta = apply_eraser(pipe, eraser) if eraser else None
     if offload:
         pipe.enable_model_cpu_offload(device=pick_device(device))
@@ -166,22 +166,43 @@ def fitted_erasers(eraser_dir, transformer):
 
 
 def apply_eraser(pipe, eraser_dir):
-    """Attach a saved eraser (ours or the authors') to a pipeline the user built: their dtype, offload, VAE
-    tiling, quantization or LoRA. Returns the eraser's meta; refuses one made for another architecture.
+    """Attach a saved eraser (ours or the authors'), or a list of them stacked, to a pipeline the user built:
+    their dtype, offload, VAE tiling, quantization or LoRA. Returns the eraser's meta; refuses one made for
+    another architecture (each of a stack alone), and a pipeline that carries an eraser already.
 
     The erasers run in float32 (tens of MB) beside a backbone of any dtype, on the device the pipeline
     runs on (under sequential offload the transformer's own weights wait on 'meta'). They are
-    submodules of the transformer: they follow `pipe.to(...)` and offloading from then on.
+    submodules of the transformer: they follow `pipe.to(...)` and offloading from then on. Stacked, the
+    erasers of a block all read the attention's output and their outputs are summed: h + E_a(h) + E_b(h).
     """
-    erasers, meta = fitted_erasers(eraser_dir, pipe.transformer)
+    dirs = [eraser_dir] if isinstance(eraser_dir, (str, os.PathLike)) else list(eraser_dir)
+    fitted = [fitted_erasers(d, pipe.transformer) for d in dirs]
     if carries_erasers(pipe.transformer):
-        raise UserError(f"this pipeline carries an eraser already: remove_eraser(pipe) before applying {eraser_dir} "
-                        "(stacking several erasers is not there yet)")
+        raise UserError(f"this pipeline carries an eraser already: remove_eraser(pipe) before applying "
+                        f"{', '.join(map(str, dirs))}, or apply them together as a list")
+    for d, (_, meta) in zip(dirs, fitted):
+        if not meta.get("final", True):
+            warnings.warn(f"the eraser in {d} is partial: {meta.get('steps_done')} of {meta.get('steps')} steps")
+    if len(fitted) == 1:
+        erasers, meta = fitted[0]
+    else:
+        erasers = nn.ModuleList(Stack(parts) for parts in zip(*(e for e, _ in fitted)))
+        meta = dict(stacked=[m for _, m in fitted],
+                    concept=", ".join(m["concept"] for _, m in fitted if m.get("concept")))
     attach(pipe, erasers)
-    if not meta.get("final", True):
-        warnings.warn(f"the eraser in {eraser_dir} is partial: {meta.get('steps_done')} of {meta.get('steps')} steps")
     pipe.eraser_meta = meta
     return meta
+
+
+class Stack(nn.Module):
+    """Several erasers of one block, each reading the attention's output, their outputs summed."""
+
+    def __init__(self, erasers):
+        super().__init__()
+        self.parts = nn.ModuleList(erasers)
+
+    def forward(self, x):
+        return sum(e(x) for e in self.parts)
 
 
 def attach(pipe, erasers):
@@ -223,8 +244,9 @@ def remove_eraser(pipe):
 
 def save_erased(pipe, folder):
     """Save an erased pipeline so that it reloads erased: the original model's files (`pipe.save_pretrained`,
-    whose eraser weights `from_pretrained` would drop) and the eraser in folder/eraser/. `load_pipeline(folder)`
-    reloads it erased; so do stock `from_pretrained(folder)` and `apply_eraser(pipe, folder + "/eraser")`."""
+    whose eraser weights `from_pretrained` would drop) and the eraser in folder/eraser/ (a stack: eraser_0/,
+    eraser_1/, ...). `load_pipeline(folder)` reloads it erased; so do stock `from_pretrained(folder)` and
+    `apply_eraser(pipe, folder + "/eraser")`."""
     if not carries_erasers(pipe.transformer):
         raise UserError("this pipeline carries no eraser: save it with pipe.save_pretrained")
     if os.path.exists(folder) and os.listdir(folder):
@@ -237,8 +259,19 @@ def save_erased(pipe, folder):
     finally:  # the pipeline in hand stays erased
         attach(pipe, erasers)
         pipe.eraser_meta = meta
-    save_eraser(os.path.join(folder, "eraser"), erasers, meta)
+    if isinstance(erasers[0], Stack):
+        for j, part_meta in enumerate(meta.get("stacked") or [{}] * len(erasers[0].parts)):
+            save_eraser(os.path.join(folder, f"eraser_{j}"), nn.ModuleList(s.parts[j] for s in erasers), part_meta)
+    else:
+        save_eraser(os.path.join(folder, "eraser"), erasers, meta)
     return folder
+
+
+def saved_erasers(model):
+    """The eraser folders `save_erased` wrote beside a pipeline: [] for any other model."""
+    found = glob.glob(os.path.join(glob.escape(model_folder(model)), "eraser*", "eraser.safetensors"))
+    dirs = [os.path.dirname(p) for p in found if re.fullmatch(r"eraser(_\d+)?", os.path.basename(os.path.dirname(p)))]
+    return sorted(dirs, key=lambda d: (len(d), d))  # eraser_2 before eraser_10: the stack's own order
 
 
 def fitting_models(eraser_dir):
@@ -507,8 +540,9 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help=f"hub id, folder or 'toy' (default {DEFAULT_MODEL}; with --convert, "
                    "always given: the authors' files do not say which)")
-    p.add_argument("--eraser", default=None,
-                   help="folder of an eraser: made by unlearn.py, or released by the authors (eraser_weights.pt)")
+    p.add_argument("--eraser", action="append", default=None,
+                   help="folder of an eraser: made by unlearn.py, or released by the authors (eraser_weights.pt); "
+                        "given again, the erasers are stacked")
     p.add_argument("--prompt", default=None, help="what to draw")
     p.add_argument("--prompts-file", default=None,
                    help="CSV with a 'prompt' column (and 'seed' or 'evaluation_seed'; the paper's prompt sets as "
@@ -604,10 +638,10 @@ def main(argv=None):
         return rescore(args)
     if (args.compare or args.eval) and not args.eraser:
         raise UserError("--compare and --eval need --eraser: the erased model is one of the videos")
-    concept = args.concept or (load_eraser(args.eraser)[1].get("concept", "") if args.eraser else "")
+    concept = args.concept or ", ".join(filter(None, (load_eraser(e)[1].get("concept") for e in args.eraser or [])))
     if args.eval and not concept:
-        raise UserError(f"--eval needs the concept it looks for, and the eraser in {args.eraser} names none (the "
-                        "authors' format): add --concept, e.g. --concept nudity")
+        raise UserError(f"--eval needs the concept it looks for, and the eraser in {', '.join(args.eraser)} names none "
+                        "(the authors' format): add --concept, e.g. --concept nudity")
     negative = args.negative_prompt or concept
     jobs, runs = jobs_of(args, concept), compared(args, negative)
     judge = make_judge(args.eval, concept)  # before the first video: a judge that cannot run is said now

@@ -1121,6 +1121,36 @@ def test_an_erased_pipeline_saved_reloads_erased(quick_eraser, tmp_path):
         save_erased(pipe, folder)
 
 
+def test_erasers_stack_their_outputs_summed_each_checked_alone_and_save_and_reload_stacked(quick_eraser, tmp_path):
+    import sample
+    blue = str(tmp_path / "blue")
+    unlearn.main(["--model", "toy", "--concept", "blue", "--output-dir", blue, "--steps", "3", "--lr", "1e-2",
+                  "--num-prompts", "4", "--xt-steps", "3", "--rank", "8"])
+    draw = lambda pipe: generate(pipe, ["a red square and a blue box"], seed=3, steps=5)[0]  # noqa: E731
+    pipe = unlearn.load_base_pipeline("toy", "cpu")
+    meta = sample.apply_eraser(pipe, [quick_eraser, blue])
+    assert meta["concept"] == "red, blue" and [m["concept"] for m in meta["stacked"]] == ["red", "blue"]
+    singles = [load_pipeline("toy", eraser=e) for e in (quick_eraser, blue)]
+    for i, proc in enumerate(unlearn.processors(pipe.transformer)):  # block i: E_red(h) + E_blue(h)
+        x = torch.randn(2, 5, proc.eraser.parts[0].down.in_features)
+        parts = [unlearn.processors(p.transformer)[i].eraser(x) for p in singles]
+        assert torch.allclose(proc.eraser(x), parts[0] + parts[1], atol=1e-6)
+    stacked = draw(pipe)
+    assert all(not np.array_equal(stacked, draw(p)) for p in singles)
+    folder = str(tmp_path / "saved")
+    sample.save_erased(pipe, folder)
+    assert sorted(f for f in os.listdir(folder) if f.startswith("eraser")) == ["eraser_0", "eraser_1"]
+    assert np.array_equal(draw(load_pipeline(folder)), stacked)
+    out = tmp_path / "cli.mp4"  # sample.py --eraser A --eraser B: the same stack
+    sample.main(["--model", "toy", "--eraser", quick_eraser, "--eraser", blue, "--prompt", "a red square and a blue "
+                 "box", "--seed", "3", "--steps", "5", "--out", str(out)])
+    assert np.abs(read_video(str(out)) - read_video(save_video(stacked, str(tmp_path / "ref.mp4")))).max() < 0.02
+    other = str(tmp_path / "other")  # in a stack, an eraser that does not fit: refused, by name
+    unlearn.save_eraser(other, torch.nn.ModuleList(unlearn.Eraser(32, 4) for _ in range(2)), {"concept": "red"})
+    with pytest.raises(unlearn.UserError, match=f"the eraser in '{other}' .* does not fit this model"):
+        sample.apply_eraser(unlearn.load_base_pipeline("toy", "cpu"), [quick_eraser, other])
+
+
 def test_an_eraser_attaches_to_an_offloaded_pipeline_the_user_built(quick_eraser):
     from sample import apply_eraser
     prompt, red_eraser = ["a red square moving left"], quick_eraser

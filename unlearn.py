@@ -40,7 +40,7 @@ from families import Text, family_of
 from prompts import (REFINER_TRIES, balanced_choices, concept_pattern, concept_templates, default_preserve, fill,
                      keep_naming, load_grammar, read_prompts, refine_prompts, substitute)
 from runs import (UserError, move_aside, no_timer, restore_checkpoint, run_cli, run_prompts, run_steps,
-                  save_checkpoint, why, write_atomic, write_json)
+                  save_checkpoint, save_prompts, why, write_atomic, write_json)
 
 TRAIN_FRAMES = 17  # default training length: see --num-frames
 TOY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")  # --model toy: the toy.py pipeline
@@ -369,7 +369,7 @@ class EraserAttnProcessor(nn.Module):
         if s.record_rows:
             self.eraser_input = video[:s.record_rows].detach()
         if s.enabled:  # in the eraser's own dtype (fp32 while training), whatever the backbone's
-            video = video + self.eraser(video.to(self.eraser.down.weight.dtype)).to(video.dtype)
+            video = video + self.eraser(video.to(next(self.eraser.parameters()).dtype)).to(video.dtype)
         return (video, *out[1:]) if isinstance(out, tuple) else video
 
 
@@ -764,11 +764,13 @@ def main(argv=None):
 
     # 4-8. The erasers, x_t, teacher velocities, concept masks, losses and AdamW, for --steps steps
     def checkpoint(u, steps_done, history):  # the partial eraser too, usable (with a warning) meanwhile
+        save_prompts(args.output_dir, prompts, anchors, preserved)
         save_checkpoint(args.output_dir, steps_done, history, result_settings(args), u.erasers, u.opt, u.gen)
         save_eraser(args.output_dir, u.erasers, eraser_meta(args, pipe.transformer, steps_done, history, prompts))
     erasers, history = train(args, pipe, embeds, tokens, checkpoint=checkpoint)
 
     # 9. Save the eraser
+    save_prompts(args.output_dir, prompts, anchors, preserved)
     save_eraser(args.output_dir, erasers, eraser_meta(args, pipe.transformer, args.steps, history, prompts))
     print(f"# 9. Saved the eraser to {args.output_dir}/eraser.safetensors "
           f"({sum(p.numel() for p in erasers.parameters()) / 1e6:.2f} M parameters)")
