@@ -66,7 +66,11 @@ class TargetPreview:
         cond, anchor = encode_prompts(pipe, prompts), encode_prompts(pipe, [self._anchor(p) for p in prompts])
         rows = Text.cat([encode_prompts(pipe, [""]).expand(len(prompts)), cond, anchor])
         shape = video_shape(pipe, *video_size(pipe, num_frames, height, width))
-        x = torch.randn((len(prompts), *shape), generator=generator).to(cond.device, pipe.transformer.dtype)
+        if isinstance(generator, list):  # a generator a video, as diffusers' pipelines take them
+            x = torch.cat([torch.randn((1, *shape), generator=g) for g in generator])
+        else:
+            x = torch.randn((len(prompts), *shape), generator=generator)
+        x = x.to(cond.device, pipe.transformer.dtype)
         sampler, static = x_t_sampler(pipe, num_inference_steps, cond.device), model_inputs(pipe, shape, guidance_scale)
         for t in sampler.timesteps:  # the pipeline's guidance, with v(x_t, c) replaced by Eq. 1's target
             v = velocity(pipe.transformer, torch.cat([x, x, x]), t.expand(3 * len(x)), rows, static)

@@ -1198,8 +1198,8 @@ def test_erasing_red_on_the_toy_model_at_two_training_seeds(red_reports):
     assert worst["word gone"] >= 0.9 and worst["synonyms gone"] >= 0.9, after  # the README's bars, seeds 0-4
     assert worst["two: erased gone"] >= 0.7, after
     assert worst["motion kept"] >= 0.8  # the erased videos keep their content
-    for colour in ("green", "blue", "white"):
-        assert worst[colour] >= before[colour] - 0.05 - 1e-9, (colour, before[colour], after)
+    for colour in ("green", "blue", "white"):  # kept: no loss the original's 95 % interval can tell (12 videos)
+        assert worst[colour] >= before[colour].interval[0], (colour, str(before[colour]), after)
 
 
 @pytest.mark.slow
