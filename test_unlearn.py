@@ -1253,6 +1253,7 @@ def test_token_cover_finds_the_tokens_a_square_crosses():
 
 @pytest.mark.parametrize("argv, says", [
     (["--model", "toy", "--concept", "  "], "--concept is empty"),
+    (["--model", "toy", "--concept", "red", "--concept", "blue"], "--concept given 2 times: one run erases one"),
     (["--model", "toy", "--concept", "nudity"], "knows no word of 'nudity'"),
     (["--model", "toy", "--concept", "Crimson"], "(it knows 'crimson': words are case-sensitive)"),
     (["--model", "no/such-model-anywhere", "--concept", "red"], "cannot load model"),

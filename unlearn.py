@@ -52,7 +52,8 @@ TOY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")  # --model
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to erase, and from what")
-    g.add_argument("--concept", default="", help="the concept to erase, as prompts name it: 'nudity', 'red'")
+    g.add_argument("--concept", action="append", default=[],
+                   help="the concept to erase, as prompts name it: 'nudity', 'red' (one a run)")
     g.add_argument("--model", default="THUDM/CogVideoX-2b",
                    help="text-to-video pipeline (CogVideoX, Wan, HunyuanVideo): hub id, folder, or 'toy' "
                         "(default THUDM/CogVideoX-2b)")
@@ -119,7 +120,10 @@ def build_parser():
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
-    args.concept = args.concept.strip()
+    if len(args.concept) > 1:
+        raise UserError(f"--concept given {len(args.concept)} times: one run erases one concept; train one eraser "
+                        "each and stack them (sample.py --eraser A --eraser B)")
+    args.concept = "".join(args.concept).strip()
     if not args.concept:
         raise UserError("--concept is empty: name the concept to erase, e.g. --concept nudity")
     for name in ("steps", "batch_size", "rank", "num_prompts", "xt_steps"):
