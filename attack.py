@@ -110,6 +110,8 @@ def parse_args(argv=None):
         raise UserError("attack.py needs --eraser DIR, the erased model to attack (or, for the negative-prompt "
                         "baseline, --negative-prompt C --concept C)")
     meta = load_eraser(args.eraser)[1] if args.eraser else {}  # a missing or damaged eraser: one line
+    if not args.concept and len(meta.get("concepts") or []) > 1:
+        raise UserError(f"the eraser erases {meta['concept']}: pass --concept, the one to attack")
     args.concept = (args.concept or meta.get("concept") or "").strip()
     if not args.concept:
         raise UserError("no concept to attack: the eraser names none; pass --concept")

@@ -117,9 +117,10 @@ def expand(text, grammar, rng, banned, depth=0):
     return SLOT.sub(one, text)
 
 
-def concept_templates(grammar, rng, n, concept):
-    """n prompts with a `{concept}` slot, drawn from the grammar; no other slot takes the concept's words."""
-    banned = concept_words(grammar, concept)
+def concept_templates(grammar, rng, n, concept, banned=None):
+    """n prompts with a `{concept}` slot, drawn from the grammar; no other slot takes the concept's words (nor
+    the `banned` words: in a run of several concepts, the others')."""
+    banned = banned or concept_words(grammar, concept)
     templates = [tidy(expand(s, grammar, rng, banned)) for s in balanced_choices(rng, grammar["sentences"], n)]
     for t in templates:
         if "{concept}" not in t.lower():
@@ -141,14 +142,20 @@ def fill(template, concept):
     return template.replace("{Concept}", concept[:1].upper() + concept[1:]).replace("{concept}", concept)
 
 
-def default_preserve(grammar, concept):
-    """What must survive erasing `concept`: the grammar's choice for it, none of which names the concept."""
-    named = concept_words(grammar, concept)
+def default_preserve(grammar, concept, banned=None):
+    """What must survive erasing `concept`: the grammar's choice for it, none of which names the concept (nor
+    a `banned` word: no concept of a run is kept in another's place)."""
+    named = banned or concept_words(grammar, concept)
     keep = [k for k in grammar["preserve"].get(concept.lower(), grammar["preserve"].get("", []))
             if not names_any(k, named)]
     if not keep:
         raise UserError(f"nothing to keep in the place of '{concept}': give --preserve WORDS")
     return keep
+
+
+def concepts_named(text, concepts):
+    """The concepts of `concepts` that `text` names."""
+    return [c for c in concepts if concept_pattern(c).search(text)]
 
 
 def concept_pattern(concept):
@@ -158,8 +165,13 @@ def concept_pattern(concept):
 
 
 def substitute(prompt, concept, text):
-    """The prompt with every mention of the concept replaced by `text` (removed when empty)."""
-    out = tidy(concept_pattern(concept).sub(lambda _: text, prompt))
+    """The prompt with every mention of the concept replaced by `text` (removed when empty); given lists, each
+    concept by its own text, the longest first ('red car' before 'red')."""
+    out = prompt
+    for c, t in sorted(zip(*([concept], [text]) if isinstance(concept, str) else (concept, text)),
+                       key=lambda pair: -len(pair[0])):
+        out = concept_pattern(c).sub(lambda _: t, out)
+    out = tidy(out)
     return out[:1].upper() + out[1:] if prompt[:1].isupper() else out  # a sentence still starts as one
 
 
@@ -170,19 +182,20 @@ def tidy(text):
     return re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", r"\1n ", out)
 
 
-def refine_prompts(prompts, concept, refiner, device, dtype, tries=REFINER_TRIES):
-    """Rewrite prompts with a language model on `device`, keeping only outputs that still name the concept,
-    as the authors did. Returns the rewritten prompts and how many outputs were dropped."""
+def refine_prompts(prompts, concepts, refiner, device, dtype, tries=REFINER_TRIES):
+    """Rewrite prompts with a language model on `device`, keeping only outputs that still name each concept the
+    prompt named, as the authors did. Returns the rewritten prompts and how many outputs were dropped."""
     from transformers import pipeline
     try:  # never trust_remote_code: the refiner's own code is not run
         generate = pipeline("text-generation", model=refiner, device=device, dtype=dtype,
                             model_kwargs={"use_safetensors": True})
     except Exception as e:
         raise UserError(f"cannot load refiner '{refiner}' ({why(e)})")
-    system = REFINER_INSTRUCTIONS.format(concept=concept)
     chat = generate.tokenizer.chat_template is not None
     refined, dropped = [], 0
     for prompt in tqdm(prompts, desc="refining prompts"):
+        named = concepts_named(prompt, concepts)
+        system = REFINER_INSTRUCTIONS.format(concept="', '".join(named))
         for _ in range(tries):  # re-sample until the concept's words survive, as the authors did
             if chat:
                 out = generate([{"role": "system", "content": system}, {"role": "user", "content": prompt}],
@@ -191,7 +204,7 @@ def refine_prompts(prompts, concept, refiner, device, dtype, tries=REFINER_TRIES
                 out = generate(f"{system}\nIdea: {prompt}\nParagraph:", max_new_tokens=200, do_sample=True,
                                return_full_text=False)[0]["generated_text"]
             out = " ".join(out.split())
-            if concept_pattern(concept).search(out):
+            if concepts_named(out, named) == named:
                 refined.append(out)
                 break
             dropped += 1
@@ -240,13 +253,14 @@ def read_prompts(path, seed):
     return rows
 
 
-def keep_naming(prompts, grammar, concept):
-    """The prompts that name the concept (the concept mask needs its words), and a line on those dropped."""
-    kept = [p for p in prompts if concept_pattern(concept).search(p)]
-    dropped = [p for p in prompts if not concept_pattern(concept).search(p)]
-    synonyms = concept_words(grammar, concept)[1:]
+def keep_naming(prompts, grammar, concepts):
+    """The prompts that name a concept (the concept mask needs its words), and a line on those dropped."""
+    kept = [p for p in prompts if concepts_named(p, concepts)]
+    dropped = [p for p in prompts if not concepts_named(p, concepts)]
+    synonyms = [w for c in concepts for w in concept_words(grammar, c)[1:]]
     near = {w for p in dropped for w in synonyms if concept_pattern(w).search(p)}
+    names = "' or '".join(concepts)
     said = (f"; {sum(names_any(p, synonyms) for p in dropped)} of them say {', '.join(sorted(near))}, which are "
-            f"not '{concept}': name it in them, or erase that word with its own --concept") if near else ""
+            f"not '{names}': name it in them, or erase that word with its own --concept") if near else ""
     return kept, (f"--prompts-file: kept {len(kept)} of {len(prompts)} prompts; dropped {len(dropped)} that do not "
-                  f"name '{concept}' (only that phrase, in any case, counts){said}")
+                  f"name '{names}' (only that phrase, in any case, counts){said}")

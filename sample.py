@@ -187,8 +187,8 @@ def apply_eraser(pipe, eraser_dir):
         erasers, meta = fitted[0]
     else:
         erasers = nn.ModuleList(Stack(parts) for parts in zip(*(e for e, _ in fitted)))
-        meta = dict(stacked=[m for _, m in fitted],
-                    concept=", ".join(m["concept"] for _, m in fitted if m.get("concept")))
+        concepts = [c for _, m in fitted for c in m.get("concepts") or [m.get("concept")] if c]
+        meta = dict(stacked=[m for _, m in fitted], concepts=concepts, concept=", ".join(concepts))
     attach(pipe, erasers)
     pipe.eraser_meta = meta
     return meta
@@ -357,7 +357,7 @@ def summarise(kind, entries, concept):
     if kind == "nudity":
         return nudity_summary(judgements)
     if all("group" in e for e in entries):
-        return toy.erasure_table([e["group"] for e in entries], judgements, min(toy.colours_named(concept)))
+        return toy.erasure_table([e["group"] for e in entries], judgements, concept)
     return toy.summary(judgements)
 
 
@@ -518,9 +518,9 @@ def rescore(args):
             raise UserError(f"--videos {args.videos}: no index.json, .mp4 or .gif files there")
         settings, entries = {}, [{"file": os.path.basename(p), "row": "videos", "prompt": ""} for p in paths]
     concept = args.concept or settings.get("concept") or ""
-    if args.eval == "toy" and len(toy.colours_named(concept)) != 1:
-        raise UserError(f"--videos with --eval toy needs the toy colour it looks for: pass --concept "
-                        f"(one of {', '.join(toy.PALETTE)})")
+    if args.eval == "toy" and not toy.colours_named(concept):
+        raise UserError(f"--videos with --eval toy needs the toy colours it looks for: pass --concept "
+                        f"(of {', '.join(toy.PALETTE)})")
     if args.eval == "toy" and not settings:
         raise UserError(f"--videos {args.videos}: --eval toy needs the prompts, from the index.json sample.py writes")
     judge = make_judge(args.eval, concept)
@@ -594,10 +594,10 @@ def jobs_of(args, concept):
     """The videos asked for, in order, as {"prompt", "seed", ...}: --prompt, --prompts-file (each prompt
     --num-videos times, seeds seed, seed+1, ...), or the toy's test set (--eval toy, neither given)."""
     if args.eval == "toy" and not (args.prompt or args.prompts_file):
-        if len(toy.colours_named(concept)) != 1:
-            raise UserError(f"--eval toy on the toy's test set measures one toy colour; '{concept}' names "
-                            f"{len(toy.colours_named(concept))}: pass --concept, one of {', '.join(toy.PALETTE)}")
-        cases = toy.erasure_cases(min(toy.colours_named(concept)), seed=args.seed)
+        if not toy.colours_named(concept):
+            raise UserError(f"--eval toy on the toy's test set measures toy colours; '{concept}' names none: "
+                            f"pass --concept, of {', '.join(toy.PALETTE)}")
+        cases = toy.erasure_cases(concept, seed=args.seed)
         return [dict(prompt=p, seed=args.seed + i, group=g) for i, (g, p) in enumerate(cases)]
     if bool(args.prompt) == bool(args.prompts_file):
         raise UserError("give one of --prompt or --prompts-file (or, with --eval toy, neither: the toy's test set)")

@@ -24,6 +24,7 @@ import torch
 import runs
 import toy
 import unlearn
+from prompts import concept_pattern, concept_words, load_grammar, substitute
 from sample import load_eraser, load_pipeline
 from videos import Rate, generate, read_video, save_video, wilson
 
@@ -93,6 +94,23 @@ def test_augmentation_never_puts_the_concepts_colour_on_a_second_square(concept)
     for p, a, c_pre in zip(prompts, anchors, preserved):
         assert sum(w in own for w in p.lower().split()) == 1, p  # the concept, once
         assert not own & set(a.split()) and not own & set(c_pre.split()), (a, c_pre)
+
+
+@pytest.mark.parametrize("argv", [["--model", "toy", "--concept", "red", "--concept", "navy"],
+                                  ["--model", "toy", "--concept", "green", "--concept", "white", "--concept", "amber"],
+                                  ["--concept", "nudity", "--concept", "violence"]])
+def test_several_concepts_get_as_many_prompts_each_and_each_prompts_anchor_and_c_pre_from_its_own(argv):
+    args = unlearn.parse_args([*argv, "--num-prompts", "40"])
+    prompts, anchors, preserved = unlearn.build_prompts(args, random.Random(0))
+    grammar = load_grammar(unlearn.model_folder(args.model))
+    words = {c: concept_words(grammar, c) for c in args.concepts}  # a concept and its synonyms
+    names = lambda text, ws: any(concept_pattern(w).search(text) for w in ws)  # noqa: E731
+    own = [[c for c in args.concepts if names(p, [c])] for p in prompts]
+    assert [o for o in own] == [[c] for c in args.concepts for _ in range(40)]  # 40 each, each naming its own
+    for p, a, c_pre, (c,) in zip(prompts, anchors, preserved, own):
+        assert not any(names(p, words[d]) for d in args.concepts if d != c), p  # no other concept, nor synonym
+        assert not any(names(t, ws) for ws in words.values() for t in (a, c_pre)), (a, c_pre)  # none kept, none left
+        assert a == substitute(p, c, "")  # the anchor: this prompt, its own concept taken out
 
 
 def test_step_2_draws_from_the_model_folders_prompt_grammar_else_the_built_in_one(tmp_path):
@@ -1130,6 +1148,7 @@ def test_erasers_stack_their_outputs_summed_each_checked_alone_and_save_and_relo
     pipe = unlearn.load_base_pipeline("toy", "cpu")
     meta = sample.apply_eraser(pipe, [quick_eraser, blue])
     assert meta["concept"] == "red, blue" and [m["concept"] for m in meta["stacked"]] == ["red", "blue"]
+    assert meta["concepts"] == ["red", "blue"]
     singles = [load_pipeline("toy", eraser=e) for e in (quick_eraser, blue)]
     for i, proc in enumerate(unlearn.processors(pipe.transformer)):  # block i: E_red(h) + E_blue(h)
         x = torch.randn(2, 5, proc.eraser.parts[0].down.in_features)
@@ -1149,6 +1168,38 @@ def test_erasers_stack_their_outputs_summed_each_checked_alone_and_save_and_relo
     unlearn.save_eraser(other, torch.nn.ModuleList(unlearn.Eraser(32, 4) for _ in range(2)), {"concept": "red"})
     with pytest.raises(unlearn.UserError, match=f"the eraser in '{other}' .* does not fit this model"):
         sample.apply_eraser(unlearn.load_base_pipeline("toy", "cpu"), [quick_eraser, other])
+
+
+def test_one_run_erases_several_concepts_masks_each_prompts_own_and_is_judged_on_all(toy_pipe, tmp_path,
+                                                                                     monkeypatch):
+    import attack
+    import sample
+    tiny = ["--model", "toy", "--steps", "3", "--num-prompts", "4", "--xt-steps", "3", "--rank", "8"]
+    listed = tmp_path / "concepts.txt"
+    listed.write_text("# what to erase\nblue   # and its synonyms\n\ngreen\n")
+    out, again = str(tmp_path / "joint"), str(tmp_path / "again")
+    unlearn.main([*tiny, "--concept", "red", "--concepts-file", str(listed), "--output-dir", out])
+    unlearn.main([*tiny, "--concept", "red", "--concept", "blue", "--concept", "green", "--output-dir", again])
+    meta = json.load(open(os.path.join(out, "eraser.json")))
+    assert meta["concepts"] == ["red", "blue", "green"] and meta["concept"] == "red, blue, green"
+    saved = json.load(open(os.path.join(out, "prompts.json")))
+    assert saved == json.load(open(os.path.join(again, "prompts.json")))  # the file is the repeated flag
+    colours = [toy.colours_named(p) & {"red", "blue", "green"} for p in saved["prompts"]]  # erased ones named
+    assert colours == [{c} for c in ("red", "blue", "green") for _ in range(4)]
+    tokens, _ = unlearn.encode_run_prompts(toy_pipe, meta["concepts"], saved["prompts"], saved["anchors"],
+                                           saved["preserved"])
+    ids = toy_pipe.tokenizer(saved["prompts"], padding="max_length", max_length=tokens.shape[1]).input_ids
+    word = lambda i: toy_pipe.tokenizer.convert_ids_to_tokens(i).lstrip("\u2581")  # noqa: E731  sentencepiece's
+    marked = [{toy.WORD_TO_COLOUR[word(i)] for i, m in zip(row, mask) if m} for row, mask in zip(ids, tokens.tolist())]
+    assert marked == colours  # each prompt's mask: its own concept's word
+    cases = toy.erasure_cases  # sample.py --eval toy reads every concept of the eraser: one table
+    monkeypatch.setattr(toy, "erasure_cases", lambda concept, n=24, seed=0: cases(concept, 2, seed))
+    rows = sample.main(["--model", "toy", "--eraser", out, "--eval", "toy", "--steps", "2", "--out",
+                        str(tmp_path / "eval")])["results"]["erased"]
+    assert [r for r in rows if r.startswith("word gone")] == [f"word gone ({c})" for c in ("blue", "green", "red")]
+    assert rows["word gone (red)"]["of"] == 2 and {"orange", "yellow", "white"} <= set(rows) and "green" not in rows
+    with pytest.raises(unlearn.UserError, match="the eraser erases red, blue, green: pass --concept"):
+        attack.parse_args(["--model", "toy", "--eraser", out, "--out", str(tmp_path / "attack")])
 
 
 def test_an_eraser_attaches_to_an_offloaded_pipeline_the_user_built(quick_eraser):
@@ -1253,7 +1304,12 @@ def test_token_cover_finds_the_tokens_a_square_crosses():
 
 @pytest.mark.parametrize("argv, says", [
     (["--model", "toy", "--concept", "  "], "--concept is empty"),
-    (["--model", "toy", "--concept", "red", "--concept", "blue"], "--concept given 2 times: one run erases one"),
+    (["--model", "toy", "--concept", "red", "--concept", "blue", "--concept", "Red"],
+     "'Red' is named twice among the concepts"),
+    (["--model", "toy", "--concept", "red", "--concepts-file", "no/such/file.txt"], "--concepts-file no/such/file.txt: "
+     "cannot read it"),
+    (["--model", "toy", "--concept", "red", "--concept", "blue", "--preserve", "navy"],
+     "--preserve 'navy' names a concept this run erases"),
     (["--model", "toy", "--concept", "nudity"], "knows no word of 'nudity'"),
     (["--model", "toy", "--concept", "Crimson"], "(it knows 'crimson': words are case-sensitive)"),
     (["--model", "no/such-model-anywhere", "--concept", "red"], "cannot load model"),
@@ -1481,7 +1537,7 @@ def test_eval_toy_without_prompts_is_toy_erasure_report_with_the_settings_asked(
     index = json.load(open(out / "index.json"))["videos"]
     assert [e["seed"] for e in index if e["row"] == "erased"] == list(range(7, 7 + len(index) // 3))
     assert all(e["negative_prompt"] == ("red" if e["row"] == "negative prompt" else None) for e in index)
-    with pytest.raises(unlearn.UserError, match="names 0"):
+    with pytest.raises(unlearn.UserError, match="'square' names none"):
         sample.main(["--model", "toy", "--eraser", quick_eraser, "--eval", "toy", "--concept", "square",
                      "--out", str(tmp_path / "other")])
 

@@ -497,47 +497,58 @@ def summary(readings):
             "others kept": Rate(sum(r["others_kept"] for r in other), len(other))}
 
 
-def erasure_cases(colour, n=24, seed=0):
-    """The toy's test set for erasing `colour`, as (group, prompt) in held-out phrasings: `n` prompts naming the
-    colour ("word"), `n` naming a synonym ("synonyms"), n / 2 for each other colour, `n` two-square prompts
-    'a <colour> ... and a <other> ...' ("two")."""
+def erasure_cases(concept, n=24, seed=0):
+    """The toy's test set for erasing the colours `concept` names ('red', or 'red, blue'), as (group, prompt) in
+    held-out phrasings: for each erased colour `n` prompts naming it ("word") and `n` naming a synonym
+    ("synonyms"), n / 2 for each other colour, and `n` two-square prompts 'a <erased> ... and a <other> ...'
+    ("two"). With several colours, a group's name ends in its colour: "word red"."""
     rng = random.Random(seed)
-    others = [c for c in PALETTE if c != colour]
-    synonyms = SYNONYMS[colour][1:] or SYNONYMS[colour]
+    erased = sorted(colours_named(concept))
+    others = [c for c in PALETTE if c not in erased]
+    tag = lambda group, colour: group if len(erased) == 1 else f"{group} {colour}"  # noqa: E731
     cases = []  # (group, scene, words)
-    for group, words in (("word", [colour]), ("synonyms", synonyms)):
-        cases += [(group, random_scene(rng, colours=[colour]), [words[i % len(words)]]) for i in range(n)]
+    for colour in erased:
+        synonyms = SYNONYMS[colour][1:] or SYNONYMS[colour]
+        for group, words in (("word", [colour]), ("synonyms", synonyms)):
+            cases += [(tag(group, colour), random_scene(rng, colours=[colour]), [words[i % len(words)]])
+                      for i in range(n)]
     cases += [(c, random_scene(rng, colours=[c]), None) for c in others for _ in range(n // 2)]
-    cases += [("two", random_scene(rng, colours=[colour, rng.choice(others)]), None) for _ in range(n)]
+    cases += [(tag("two", colour), random_scene(rng, colours=[colour, rng.choice(others)]), None)
+              for colour in erased for _ in range(n)]
     return [(group, make_prompt(rng, scene, held_out=True, words=words)) for group, scene, words in cases]
 
 
-def erasure_table(groups, readings, colour):
-    """What erasing `colour` did, from each test video's group and reading (`reading`), as Rates of videos:
+def erasure_table(groups, readings, concept):
+    """What erasing the colours `concept` names did, from each test video's group and reading (`reading`), as
+    Rates of videos:
 
     word gone / synonyms gone: prompts naming the colour (or a synonym) show no square of it;
     motion kept: those videos still show a square moving as prompted; <other colour>: prompts
     naming it show it as the main colour; two: the erased colour gone, the other among the two
-    largest squares."""
+    largest squares. With several colours erased, a row of one colour ends in its name: "word gone (red)"."""
     by = {}
     for group, r in zip(groups, readings):
         by.setdefault(group, []).append(r)
+    erased = sorted(colours_named(concept))
     count = lambda gs, key, want=True: Rate(sum(r[key] == want for g in gs for r in by[g]),  # noqa: E731
                                            sum(len(by[g]) for g in gs))
-    report = {f"{g} gone": count([g], "shows_concept", False) for g in ("word", "synonyms")}
-    report["motion kept"] = count(["word", "synonyms"], "moves_as_asked")
-    report.update({c: count([c], "others_kept") for c in PALETTE if c != colour})
-    report["two: erased gone"] = count(["two"], "shows_concept", False)
-    report["two: other kept"] = count(["two"], "others_kept")
+    tags = [("", "")] if len(erased) == 1 else [(f" {c}", f" ({c})") for c in erased]  # (group's, row's)
+    report = {f"{g} gone{row}": count([g + group], "shows_concept", False)
+              for group, row in tags for g in ("word", "synonyms")}
+    report["motion kept"] = count([g + group for group, _ in tags for g in ("word", "synonyms")], "moves_as_asked")
+    report.update({c: count([c], "others_kept") for c in PALETTE if c not in erased})
+    for group, row in tags:
+        report[f"two: erased gone{row}"] = count(["two" + group], "shows_concept", False)
+        report[f"two: other kept{row}"] = count(["two" + group], "others_kept")
     return report
 
 
-def erasure_report(pipe, colour, n=24, seed=0, **kwargs):
+def erasure_report(pipe, concept, n=24, seed=0, **kwargs):
     """`erasure_table` of the test set (`erasure_cases`) drawn by `pipe`, video i seeded seed + i, one at a time
     as sample.py --eval toy draws them. `kwargs` go to the pipeline, e.g. negative_prompt="red"."""
-    groups, prompts = zip(*erasure_cases(colour, n, seed))
+    groups, prompts = zip(*erasure_cases(concept, n, seed))
     videos = generate(pipe, list(prompts), seeds=[seed + i for i in range(len(prompts))], batch=1, **kwargs)
-    return erasure_table(groups, [reading(p, v, colour) for p, v in zip(prompts, videos)], colour)
+    return erasure_table(groups, [reading(p, v, concept) for p, v in zip(prompts, videos)], concept)
 
 
 def format_table(rows):

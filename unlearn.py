@@ -6,6 +6,7 @@ everything else as before.
 
     python unlearn.py --model toy --concept red      # the toy model, under a minute on a CPU
     python unlearn.py --concept "nudity"             # CogVideoX-2B on one GPU
+    python unlearn.py --concept "nudity" --concept "violence"   # one eraser for both (or --concepts-file)
     python unlearn.py --model THUDM/CogVideoX-5b --concept "nudity"
     python unlearn.py --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --concept "nudity"
     python unlearn.py --model hunyuanvideo-community/HunyuanVideo --concept "nudity"
@@ -37,8 +38,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from families import Text, family_of
-from prompts import (REFINER_TRIES, balanced_choices, concept_pattern, concept_templates, default_preserve, fill,
-                     keep_naming, load_grammar, read_prompts, refine_prompts, substitute)
+from prompts import (REFINER_TRIES, balanced_choices, concept_pattern, concept_templates, concept_words, concepts_named,
+                     default_preserve, fill, keep_naming, load_grammar, names_any, read_prompts, refine_prompts,
+                     substitute)
 from runs import (UserError, move_aside, no_timer, restore_checkpoint, run_cli, run_prompts, run_steps,
                   save_checkpoint, save_prompts, why, write_atomic, write_json)
 
@@ -53,14 +55,17 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to erase, and from what")
     g.add_argument("--concept", action="append", default=[],
-                   help="the concept to erase, as prompts name it: 'nudity', 'red' (one a run)")
+                   help="the concept to erase, as prompts name it: 'nudity', 'red'; repeat it to erase several in "
+                        "one eraser, prompts drawn evenly for each")
+    g.add_argument("--concepts-file", default=None, help="more concepts to erase, one a line ('#' starts a comment)")
     g.add_argument("--model", default="THUDM/CogVideoX-2b",
                    help="text-to-video pipeline (CogVideoX, Wan, HunyuanVideo): hub id, folder, or 'toy' "
                         "(default THUDM/CogVideoX-2b)")
-    g.add_argument("--output-dir", default=None, help="where the eraser goes (default erasers/<concept>)")
+    g.add_argument("--output-dir", default=None, help="where the eraser goes (default erasers/<concepts>)")
     g.add_argument("--overwrite", action="store_true", help="replace an eraser already in --output-dir")
     g = p.add_argument_group("prompts")
-    g.add_argument("--num-prompts", type=int, default=32, help="augmented prompts made from templates (8-256)")
+    g.add_argument("--num-prompts", type=int, default=32,
+                   help="augmented prompts made from templates, for each concept (8-256)")
     g.add_argument("--prompts-file", default=None,
                    help="more concept prompts: a CSV with a 'prompt' column (as sample.py reads), or one a line")
     g.add_argument("--refiner", default=None,
@@ -92,7 +97,9 @@ def build_parser():
                         "CogVideoX, 5 for Wan) or HunyuanVideo's embedded guidance (default 6, every pass)")
     g = p.add_argument_group("training")
     g.add_argument("--rank", type=int, default=128, help="eraser rank (default 128, as the released checkpoints)")
-    g.add_argument("--steps", type=int, default=500, help="optimizer steps (default 500)")
+    g.add_argument("--steps", type=int, default=500,
+                   help="optimizer steps (default 500, for one concept or several: on the toy more steps did not help "
+                        "a joint eraser, docs/experiments.md, section 13)")
     g.add_argument("--lr", type=float, default=2e-4,
                    help="AdamW learning rate (default 2e-4; the paper's is 1e-4, which on the toy left one training "
                         "seed in five erasing a third less: docs/experiments.md, section 11)")
@@ -120,24 +127,38 @@ def build_parser():
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
-    if len(args.concept) > 1:
-        raise UserError(f"--concept given {len(args.concept)} times: one run erases one concept; train one eraser "
-                        "each and stack them (sample.py --eraser A --eraser B)")
-    args.concept = "".join(args.concept).strip()
-    if not args.concept:
+    concepts = [c.strip() for c in args.concept] + (read_concepts(args.concepts_file) if args.concepts_file else [])
+    if not concepts or not all(concepts):
         raise UserError("--concept is empty: name the concept to erase, e.g. --concept nudity")
+    twice = [c for i, c in enumerate(concepts) if c.lower() in (d.lower() for d in concepts[:i])]
+    if twice:
+        raise UserError(f"'{twice[0]}' is named twice among the concepts: name each once")
+    args.concepts, args.concept = concepts, ", ".join(concepts)  # eraser.json lists them; concept names them all
     for name in ("steps", "batch_size", "rank", "num_prompts", "xt_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if not (args.lr > 0 and args.eta >= 0 and args.loc_weight >= 0 and args.pres_weight >= 0
             and 0 <= args.mask_threshold < 1):
         raise UserError("--lr must be > 0; --eta, --loc-weight, --pres-weight >= 0; --mask-threshold in [0, 1)")
-    if args.grammar:  # a missing or broken file is refused before the model loads
-        if not os.path.isfile(args.grammar):
-            raise UserError(f"--grammar {args.grammar}: no such file")
-        load_grammar(path=args.grammar)
-    args.output_dir = args.output_dir or os.path.join("erasers", re.sub(r"\W+", "_", args.concept.lower()))
+    if args.grammar and not os.path.isfile(args.grammar):  # refused, as a broken one is, before the model loads
+        raise UserError(f"--grammar {args.grammar}: no such file")
+    grammar = load_grammar(model_folder(args.model), args.grammar)
+    kept = [k for k in args.preserve or [] if names_any(k, [w for c in concepts for w in concept_words(grammar, c)])]
+    if kept:
+        raise UserError(f"--preserve '{kept[0]}' names a concept this run erases: keep something else")
+    name = args.concept if len(concepts) < 4 else f"{concepts[0]} and {len(concepts) - 1} more"
+    args.output_dir = args.output_dir or os.path.join("erasers", re.sub(r"\W+", "_", name.lower()))
     return args
+
+
+def read_concepts(path):
+    """--concepts-file: one concept a line; blank lines and '#' comments skipped."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = [line.split("#")[0].strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--concepts-file {path}: cannot read it ({why(e)}); give a text file, one concept a line")
+    return [line for line in lines if line]
 
 
 # -----------------------------------------------------------------------------
@@ -222,37 +243,42 @@ def velocity(transformer, x, t, text, static):
 # 2. Build augmented prompts that carry the concept
 
 def build_prompts(args, rng, device=None, log=print):
-    """Concept prompts c, and for each its anchor and its preservation prompt c_pre."""
+    """Concept prompts c, as many for each concept, and for each its anchor and its preservation prompt c_pre."""
     grammar = load_grammar(model_folder(args.model), args.grammar)  # the model folder's, or built in
-    if args.no_augment:
-        prompts = [args.concept]
-    else:
-        prompts = [fill(t, args.concept) for t in concept_templates(grammar, rng, args.num_prompts, args.concept)]
+    banned = [w for c in args.concepts for w in concept_words(grammar, c)]  # a prompt names its own concept only
+    prompts = []
+    for concept in args.concepts:
+        prompts += [concept] if args.no_augment else \
+            [fill(t, concept) for t in concept_templates(grammar, rng, args.num_prompts, concept, banned)]
     if args.prompts_file:  # sample.py's format: a CSV with a 'prompt' column, or one a line
         kept, said = keep_naming([r["prompt"] for r in read_prompts(args.prompts_file, args.seed)], grammar,
-                                 args.concept)
+                                 args.concepts)
         prompts += kept
         log(f"# 2. {said}")
     if args.refiner:
         asked = len(prompts)
         device = pick_device(device)
         torch.manual_seed(args.seed)  # the refiner samples: --seed makes it repeatable
-        prompts, dropped = refine_prompts(prompts, args.concept, args.refiner, device, pick_dtype(device))
+        prompts, dropped = refine_prompts(prompts, args.concepts, args.refiner, device, pick_dtype(device))
         free_memory()  # the language model leaves the GPU before the video model comes
+        named = f"'{args.concept}'" if len(args.concepts) == 1 else "their prompt's concepts"
         log(f"# 2. The refiner rewrote {len(prompts)} of {asked} prompts; it dropped {dropped} outputs that did "
-            f"not name '{args.concept}' ({asked - len(prompts)} prompts had none in {REFINER_TRIES} tries)")
-    preserve = args.preserve or default_preserve(grammar, args.concept)
-    anchors = ["" if args.anchor == "empty" else substitute(p, args.concept, "") for p in prompts]
-    # c_pre: the prompt with something to keep in the concept's place, drawn once per prompt
-    return prompts, anchors, [substitute(p, args.concept, keep)
-                              for p, keep in zip(prompts, balanced_choices(rng, preserve, len(prompts)))]
+            f"not name {named} ({asked - len(prompts)} prompts had none in {REFINER_TRIES} tries)")
+    # Each concept a prompt names is taken out for its anchor, and for c_pre replaced by something to keep
+    # (drawn once per prompt, evenly), never a concept of the run.
+    preserve = {c: args.preserve or default_preserve(grammar, c, banned) for c in args.concepts}
+    named = [concepts_named(p, args.concepts) for p in prompts]
+    keeps = {c: iter(balanced_choices(rng, preserve[c], sum(c in n for n in named))) for c in args.concepts}
+    anchors = ["" if args.anchor == "empty" else substitute(p, n, [""] * len(n)) for p, n in zip(prompts, named)]
+    return prompts, anchors, [substitute(p, n, [next(keeps[c]) for c in n]) for p, n in zip(prompts, named)]
 
 
 # -----------------------------------------------------------------------------
 # 3. Encode the prompts once, then free the text encoder
 
-def concept_tokens(tokenizer, texts, concept, length, spans=None, crop=0):
-    """(N, length - crop) float: 1 at every token whose characters fall on a mention of the concept.
+def concept_tokens(tokenizer, texts, concepts, length, spans=None, crop=0):
+    """(N, length - crop) float: 1 at every token whose characters fall on a mention of a concept (a phrase, or
+    a list of them: a run of several concepts masks each prompt by the ones it names).
 
     `texts` are what the tokenizer reads, `spans` the prompt's characters in each (default: all of it;
     HunyuanVideo puts the prompt inside a chat template), `crop` the leading tokens the pipeline drops.
@@ -260,11 +286,13 @@ def concept_tokens(tokenizer, texts, concept, length, spans=None, crop=0):
     any tokenizer serves: word-level (the toy), or sentencepiece and BPE, whose pieces of a word in
     context can differ from the word's own. In "a red square", the word "a" elsewhere is not the concept.
     """
-    if all(i == tokenizer.unk_token_id for i in tokenizer(concept, add_special_tokens=False).input_ids):
-        lower = set(tokenizer(concept.lower(), add_special_tokens=False).input_ids) - {tokenizer.unk_token_id}
-        hint = f" (it knows '{concept.lower()}': words are case-sensitive)" if lower else ""
-        raise UserError(f"the model's tokenizer knows no word of '{concept}', so no prompt can name it; "
-                        f"pick a concept in the model's vocabulary{hint}")
+    concepts = [concepts] if isinstance(concepts, str) else concepts
+    for concept in concepts:
+        if all(i == tokenizer.unk_token_id for i in tokenizer(concept, add_special_tokens=False).input_ids):
+            lower = set(tokenizer(concept.lower(), add_special_tokens=False).input_ids) - {tokenizer.unk_token_id}
+            hint = f" (it knows '{concept.lower()}': words are case-sensitive)" if lower else ""
+            raise UserError(f"the model's tokenizer knows no word of '{concept}', so no prompt can name it; "
+                            f"pick a concept in the model's vocabulary{hint}")
     try:
         offsets = tokenizer(texts, padding="max_length", max_length=length, truncation=True,
                             return_offsets_mapping=True).offset_mapping
@@ -273,7 +301,7 @@ def concept_tokens(tokenizer, texts, concept, length, spans=None, crop=0):
     marks = torch.zeros(len(texts), length)
     for row, (text, token_spans) in enumerate(zip(texts, offsets)):
         first, last = spans[row] if spans else (0, len(text))
-        mentions = [m.span() for m in concept_pattern(concept).finditer(text, first, last)]
+        mentions = [m.span() for c in concepts for m in concept_pattern(c).finditer(text, first, last)]
         for i, (start, end) in enumerate(token_spans):  # special and padding tokens have empty spans
             if start < end and any(start < m_end and end > m_start for m_start, m_end in mentions):
                 marks[row, i] = 1
@@ -292,11 +320,11 @@ def encode_prompts(pipe, prompts, batch=16):
     return Text.cat([family.encode(pipe, prompts[i:i + batch], device) for i in range(0, len(prompts), batch)])
 
 
-def encode_run_prompts(pipe, concept, prompts, anchors, preserved, device=None):
-    """Step 3 for a run: where the concept's tokens sit in each prompt, and every prompt's embeddings on
+def encode_run_prompts(pipe, concepts, prompts, anchors, preserved, device=None):
+    """Step 3 for a run: where the concepts' tokens sit in each prompt, and every prompt's embeddings on
     `device` (where the text encoders go for this, if given)."""
     texts, spans, length, crop = family_of(pipe).token_texts(pipe, prompts)
-    tokens = concept_tokens(pipe.tokenizer, texts, concept, length, spans, crop)
+    tokens = concept_tokens(pipe.tokenizer, texts, concepts, length, spans, crop)
     if device is not None:
         for encoder in text_encoders(pipe):
             encoder.to(device)
@@ -757,11 +785,11 @@ def main(argv=None):
     if not prompts:
         raise UserError(f"no prompt names '{args.concept}': check --prompts-file or drop --refiner")
     print(f"# 2. Built {len(prompts)} prompts that carry '{args.concept}', e.g.:")
-    for i in range(min(3, len(prompts))):
+    for i in range(0, len(prompts), -(-len(prompts) // 3)):  # three, spread over the concepts
         print(f"     c = {prompts[i]!r}\n       anchor = {anchors[i]!r}, c_pre = {preserved[i]!r}")
 
     # 3. Encode the prompts once, then free the text encoder
-    tokens, embeds = encode_run_prompts(pipe, args.concept, prompts, anchors, preserved, device)
+    tokens, embeds = encode_run_prompts(pipe, args.concepts, prompts, anchors, preserved, device)
     free_text_encoder_and_vae(pipe)
     pipe.transformer.to(device)
     print(f"# 3. Encoded {2 * len(prompts) + len(preserved) + 1} prompts; freed the text encoder and the VAE")
