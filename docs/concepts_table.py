@@ -1,7 +1,7 @@
 """The README's table of several concepts on the toy: one eraser trained on two (then three) colours at once,
 against each colour's own eraser and against the single erasers stacked, at training seeds 0-2.
 
-    python docs/concepts_table.py                                  # red+blue, red+blue+green: about 45 min
+    python docs/concepts_table.py                                  # red+blue, red+blue+green: 50 min on 2 cores
     python docs/concepts_table.py --colours green yellow --seeds 0
     python docs/concepts_table.py --steps 1000                     # the joint erasers trained longer
 
